@@ -1,0 +1,17 @@
+"""tunesmith: fine-tune language models from one typed config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def train(*args: Any, **kwargs: Any) -> Any:
+    """Train from a YAML path, dict or RunConfig; returns the run directory (see tunesmith.api.train)."""
+    from tunesmith.api import train as _train
+
+    return _train(*args, **kwargs)
+
+
+__all__ = ["__version__", "train"]

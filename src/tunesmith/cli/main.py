@@ -1,0 +1,124 @@
+"""Command line: parsing and dispatch only; the work lives in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from tunesmith import __version__
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune language models.")
+    parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train from a YAML config")
+    train.add_argument("config", help="path to a YAML config")
+    train.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 output.dir=/tmp/run"
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+    chat = sub.add_parser("chat", help="chat with a model or a finished run")
+    chat.add_argument("model", help="a run directory, a model directory, a .gguf file, or 'default'")
+    chat.add_argument("--prompt", help="answer this one prompt and exit")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+    export = sub.add_parser("export", help="export a finished run")
+    export.add_argument("run_dir")
+    export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    export.add_argument("--out", required=True, help="output directory")
+
+    sub.add_parser("config-schema", help="print the JSON Schema of the config")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    handler = {"train": _train, "chat": _chat, "export": _export, "config-schema": _schema}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors: one clear line, the trace only with -v
+        if args.verbose or not _is_user_error(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from tunesmith.config.load import ConfigError
+    from tunesmith.data.errors import DataError
+    from tunesmith.models.default_model import DefaultModelMissing
+    from tunesmith.models.load import ModelNotFound
+    from tunesmith.train.loop import TrainingDiverged
+    from tunesmith.train.run_dir import RunDirError
+
+    return isinstance(
+        exc,
+        ConfigError
+        | DataError
+        | ModelNotFound
+        | DefaultModelMissing
+        | RunDirError
+        | TrainingDiverged
+        | FileNotFoundError,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tunesmith.config.load import load_config
+    from tunesmith.train.loop import train
+
+    overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    result = train(cfg)
+    if result.interrupted:
+        print(f"stopped at step {result.steps}; resume with: tunesmith train {args.config} --resume")
+        return 130
+    print(f"done: {result.steps} steps; run directory {result.run_dir}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from tunesmith.infer.chat import run_chat
+
+    return run_chat(
+        args.model,
+        prompt=args.prompt,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tunesmith.export.merge import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out), merge=args.merge)
+    print(f"exported to {out}")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from tunesmith.config.load import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

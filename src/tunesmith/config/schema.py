@@ -1,0 +1,144 @@
+"""The run configuration: one frozen pydantic model built from sections.
+
+Every field has a default or is required; nothing is read from a dict that may lack a key.
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class LoraAdapter(Section):
+    type: Literal["lora"] = "lora"
+    r: PositiveInt = 16
+    alpha: PositiveFloat = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    targets: str | list[str] = Field(
+        default="all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)"
+    )
+    rslora: bool = Field(default=False, description="scale by alpha/sqrt(r) instead of alpha/r")
+
+
+class FullAdapter(Section):
+    type: Literal["full"]
+
+
+class FreezeAdapter(Section):
+    type: Literal["freeze"]
+    trainable_layers: PositiveInt | None = Field(
+        default=2, description="train only the last N decoder layers"
+    )
+    trainable_modules: list[str] = Field(
+        default_factory=list, description="extra parameter-name substrings to train (e.g. 'lm_head', 'norm')"
+    )
+
+
+Adapter = Annotated[LoraAdapter | FullAdapter | FreezeAdapter, Field(discriminator="type")]
+
+
+class DataSource(Section):
+    path: str = Field(description="a local .jsonl/.json/.csv/.parquet/.txt file, a directory or a glob")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
+
+
+class DataConfig(Section):
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] = Field(default_factory=list, description="held-out files; overrides eval_split")
+    eval_split: Fraction = Field(default=0.0, description="fraction of the training rows held out for eval")
+    seq_len: PositiveInt = 1024
+    template: str | None = Field(
+        default=None, description="None: the tokenizer's own chat template; a built-in name or a .jinja path"
+    )
+    train_on_prompt: bool = Field(default=False, description="train on every token, not only assistant turns")
+    packing: bool = Field(default=True, description="padding-free packing of samples into rows of seq_len")
+    on_error: Literal["raise", "skip"] = "raise"
+    max_dropped_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="abort if more than this fraction of rows is skipped or dropped"
+    )
+
+
+class TrainConfig(Section):
+    epochs: PositiveFloat = 3
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 4
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 2e-4
+    weight_decay: NonNegFloat = 0.0
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: NonNegFloat | None = 1.0
+    seed: int = 0
+    eval_every: PositiveInt | None = Field(
+        default=None, description="steps between evals; None: each epoch end"
+    )
+    save_every: PositiveInt | None = Field(
+        default=None, description="steps between checkpoints; None: at the end"
+    )
+    save_total_limit: PositiveInt | None = 2
+    log_every: PositiveInt = 1
+    resume: Literal["auto", "never"] | str = Field(
+        default="never", description="'auto': continue from the latest checkpoint; or a checkpoint path"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU"
+    )
+    gradient_checkpointing: bool = False
+    loss_chunk_size: PositiveInt = Field(
+        default=1024, description="labelled tokens per chunk of the LM head + CE"
+    )
+
+
+class OutputConfig(Section):
+    dir: str = "runs/run"
+    overwrite: bool = Field(default=False, description="allow writing into a non-empty run directory")
+
+
+class RunConfig(Section):
+    model: str = Field(default="default", description="'default', a local HF model dir, or a .gguf file")
+    trust_remote_code: bool = False
+    method: Literal["sft", "pretrain"] = "sft"
+    adapter: Adapter = Field(default_factory=LoraAdapter)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_defaults_to_lora(cls, data: object) -> object:
+        """`adapter: {r: 8}` means LoRA, as `adapter.r=8` on the command line does."""
+        if isinstance(data, dict) and isinstance(data.get("adapter"), dict) and "type" not in data["adapter"]:
+            data = {**data, "adapter": {"type": "lora", **data["adapter"]}}
+        return data
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected 'default', a model directory or a .gguf file, got an empty string")
+        return value
+
+    @model_validator(mode="after")
+    def _method_matches_data(self) -> RunConfig:
+        if self.method == "pretrain" and self.data.train_on_prompt:
+            raise ValueError(
+                "data.train_on_prompt has no meaning for method 'pretrain' (every token is trained)"
+            )
+        return self

@@ -1,0 +1,99 @@
+"""Causal-LM loss that never builds the full `tokens x vocab` logits tensor.
+
+Hidden states are gathered at labelled positions before the LM head, and the head plus
+cross-entropy run in chunks under activation checkpointing, so at most one chunk of logits
+exists at a time, forward or backward. Returns the *sum* of token losses and the token count,
+so that gradient accumulation can normalise by the tokens of the whole optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tunesmith.data.tokenize import IGNORE_INDEX
+
+
+def _head_ce_sum(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_lm_loss_sum(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Linear,
+    chunk_size: int,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token CE over positions whose target is labelled, and how many there are."""
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    flat_hidden = hidden[:, :-1][selected]
+    flat_targets = targets[selected]
+    count = selected.sum()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    if flat_targets.numel() == 0:
+        return total + 0.0 * hidden.sum(), count  # keeps the graph connected for DDP
+    weight, bias = lm_head.weight, lm_head.bias
+    for start in range(0, flat_targets.numel(), chunk_size):
+        h = flat_hidden[start : start + chunk_size]
+        t = flat_targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and flat_targets.numel() > chunk_size:
+            total = total + checkpoint(_head_ce_sum, h, t, weight, bias, softcap, use_reentrant=False)
+        else:
+            total = total + _head_ce_sum(h, t, weight, bias, softcap)
+    return total, count
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, float | None]:
+    """The decoder stack, the LM head and any final-logit soft-capping of a (PEFT-wrapped) causal LM."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = causal.get_decoder()
+    head = causal.get_output_embeddings()
+    config = causal.config
+    softcap = getattr(config, "final_logit_softcapping", None) or getattr(
+        getattr(config, "text_config", None), "final_logit_softcapping", None
+    )
+    unsupported = [
+        a for a in ("logit_scale", "logits_scaling") if getattr(config, a, None) not in (None, 1, 1.0)
+    ]
+    if unsupported:
+        raise NotImplementedError(
+            f"{type(causal).__name__}: logit scaling ({unsupported}) is not supported yet"
+        )
+    return decoder, head, softcap
+
+
+class CausalLMWithLoss(nn.Module):
+    """Wraps a causal LM so that one forward call returns (loss_sum, token_count).
+
+    Being the module that accelerate prepares (DDP/FSDP), it keeps gradient
+    synchronisation intact while the loss bypasses the model's full-logits head.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        # A tuple, not attributes: the parts are already registered under `self.model`.
+        self._parts = causal_lm_parts(model)
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder, head, softcap = self._parts
+        hidden = decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+        return chunked_lm_loss_sum(hidden, labels, head, self.chunk_size, softcap)

@@ -1,0 +1,62 @@
+"""End to end through the CLI on the real default model (slow: CI runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli.main", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"tunesmith {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_train_few_steps_then_chat_and_export(tmp_path):
+    run = tmp_path / "run"
+    _cli("train", "examples/quickstart.yaml", f"output.dir={run}", "train.max_steps=4", "train.save_every=2")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] > 0 and r["tokens"] > 0 for r in steps)
+    assert any("eval_loss" in r for r in rows)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+    answer = _cli("chat", str(run), "--prompt", "What is your name?", "--max-new-tokens", "24").stdout.strip()
+    assert answer and "<|im_end|>" not in answer and "<|im_start|>" not in answer
+
+
+def test_config_error_is_one_clear_line_before_any_model_loads(tmp_path):
+    result = _cli("train", "examples/quickstart.yaml", "train.lr=fast", check=False)
+    assert result.returncode == 2
+    assert 'train.lr: expected a positive number, got "fast"' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_hub_model_says_offline_not_a_stack_trace(tmp_path):
+    result = _cli(
+        "train",
+        "examples/quickstart.yaml",
+        "model=someorg/not-a-real-model",
+        f"output.dir={tmp_path}",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "never downloads" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,73 @@
+"""Config errors name the key, the bad value and what is allowed, before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunesmith.config.load import ConfigError, config_schema, load_config
+
+BASE = {"data": {"train": [{"path": "x.jsonl"}]}}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=fast", 'train.lr: expected a positive number, got "fast"'),
+        ("train.lr=-0.1", "train.lr: expected a positive number, got -0.1"),
+        ("train.batch_size=two", 'train.batch_size: expected a positive integer, got "two"'),
+        ("method=dpoo", "method: expected one of 'sft' or 'pretrain', got \"dpoo\""),
+        ("adapter.type=qlora", "adapter: expected type one of 'lora', 'full', 'freeze', got \"qlora\""),
+        ("trian.lr=1", "trian: unknown key"),
+        ("train.learning_rate=1", "train.learning_rate: unknown key"),
+        ("data.train=[]", "data.train: needs at least one entry"),
+        ("data.eval_split=1.5", "data.eval_split: expected a number < 1, got 1.5"),
+        ("data.train.0.format=xml", "data.train.0.format: expected one of"),
+        ("data.on_error=ignore", "data.on_error: expected one of 'raise' or 'skip', got \"ignore\""),
+        ("train.resume=yes please", None),  # any string is a checkpoint path: validated when training starts
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(override, message):
+    if message is None:
+        assert load_config(BASE, [override]).train.resume == "yes please"
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_config(BASE, [override])
+    assert message in str(caught.value)
+
+
+def test_missing_data_section_is_named():
+    with pytest.raises(ConfigError, match="data: required key is missing"):
+        load_config({"model": "default"})
+
+
+def test_overrides_reach_lists_and_nested_keys(tmp_path):
+    cfg = load_config(
+        BASE,
+        [
+            "data.train=[{path: y.jsonl, format: alpaca}]",
+            "output.dir=/tmp/run",
+            "adapter.r=8",
+            "train.epochs=1.5",
+        ],
+    )
+    assert cfg.data.train[0].path == "y.jsonl" and cfg.data.train[0].format == "alpaca"
+    assert cfg.output.dir == "/tmp/run" and cfg.adapter.r == 8 and cfg.train.epochs == 1.5
+    cfg = load_config(BASE, ["adapter={type: full}"])
+    assert cfg.adapter.type == "full"
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_schema_lists_every_section():
+    schema = config_schema()
+    json.dumps(schema)
+    assert {"model", "method", "adapter", "data", "train", "output"} <= set(schema["properties"])

@@ -1,0 +1,91 @@
+"""The fast loss equals the model's own loss; packed rows equal the same samples run one by one."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, tiny_config
+from tunesmith.data.conversation import RowRef
+from tunesmith.data.packing import collate_packed, collate_padded, pack_first_fit_decreasing, packing_fill
+from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample
+from tunesmith.train.losses import CausalLMWithLoss
+
+
+def _model(arch: str, vocab: int = 300, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(
+        tiny_config(arch, vocab), dtype=torch.float32, attn_implementation="sdpa"
+    )
+
+
+def _samples(count: int, vocab: int = 300, seed: int = 0) -> list[TokenizedSample]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        n = rng.randint(5, 40)
+        ids = [rng.randrange(3, vocab) for _ in range(n)]
+        prompt = rng.randint(1, n - 2)
+        labels = [IGNORE_INDEX] * prompt + ids[prompt:]
+        out.append(TokenizedSample(ids, labels, RowRef("mem", i + 1)))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_chunked_loss_equals_model_loss(arch, chunk):
+    model = _model(arch)
+    batch = collate_padded(_samples(4), pad_id=2)
+    reference = model(**batch).loss  # transformers' own mean CE over labelled next tokens
+    loss_sum, count = CausalLMWithLoss(model, chunk_size=chunk)(**batch)
+    torch.testing.assert_close(loss_sum / count, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_batch_matches_samples_run_one_by_one(arch):
+    model = _model(arch)
+    wrapped = CausalLMWithLoss(model, chunk_size=16)
+    samples = _samples(6, seed=1)
+
+    total, count = torch.zeros(()), 0
+    for sample in samples:
+        loss_sum, n = wrapped(**collate_padded([sample], pad_id=2))
+        total, count = total + loss_sum, count + int(n)
+    (total / count).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    rows = [
+        [samples[i] for i in unit]
+        for unit in pack_first_fit_decreasing([len(s.input_ids) for s in samples], 64)
+    ]
+    assert any(len(r) > 1 for r in rows)
+    loss_sum, n = wrapped(**collate_packed(rows, pad_id=2))
+    assert int(n) == count
+    (loss_sum / n).backward()
+    torch.testing.assert_close(loss_sum / n, total / count, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_first_fit_decreasing_fills_rows_and_keeps_every_sample():
+    rng = random.Random(0)
+    lengths = [min(1024, int(rng.lognormvariate(5.3, 0.7)) + 8) for _ in range(2000)]
+    bins = pack_first_fit_decreasing(lengths, 1024)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    assert packing_fill(lengths, bins, 1024) > 0.95
+
+
+def test_packed_labels_never_cross_a_sample_boundary():
+    a = TokenizedSample([5, 6, 7], [5, 6, 7], RowRef("m", 1))
+    b = TokenizedSample([8, 9], [8, 9], RowRef("m", 2))
+    batch = collate_packed([[a, b]], pad_id=0)
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    mask = batch["attention_mask"][0, 0]
+    assert not mask[3, :3].any() and mask[4, 3] and not mask[1, 2]
