@@ -36,20 +36,29 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory")
 
     sub.add_parser("config-schema", help="print the JSON Schema of the config")
+    from tunesmith.cli.data_cmd import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
+    if (
+        extra
+        and args.command in ("train", "data")
+        and all("=" in item and not item.startswith("-") for item in extra)
+    ):
         args.overrides = list(args.overrides) + extra  # overrides may follow flags: train cfg --resume k=v
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    handler = {"train": _train, "chat": _chat, "export": _export, "config-schema": _schema}[args.command]
+    handler = {"train": _train, "chat": _chat, "export": _export, "config-schema": _schema, "data": _data}[
+        args.command
+    ]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -116,6 +125,12 @@ def _export(args: argparse.Namespace) -> int:
     out = export_run(Path(args.run_dir), Path(args.out), merge=args.merge)
     print(f"exported to {out}")
     return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from tunesmith.cli.data_cmd import run
+
+    return run(args)
 
 
 def _schema(args: argparse.Namespace) -> int:

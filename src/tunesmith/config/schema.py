@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     PositiveInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -57,6 +58,23 @@ Adapter = Annotated[LoraAdapter | FullAdapter | FreezeAdapter, Field(discriminat
 class DataSource(Section):
     path: str = Field(description="a local .jsonl/.json/.csv/.parquet/.txt file, a directory or a glob")
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
+    template: str | None = Field(
+        default=None, description="chat template for this source only; None: data.template"
+    )
+    weight: PositiveFloat | None = Field(
+        default=None,
+        description="sampling proportion: weighted sources share their combined size in this ratio",
+    )
+    samples: PositiveInt | None = Field(
+        default=None, description="exactly this many samples: fewer is a seeded subset, more repeats"
+    )
+
+    @field_validator("samples")
+    @classmethod
+    def _not_with_weight(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("weight") is not None:
+            raise ValueError("cannot be combined with weight (set a proportion or a count, not both)")
+        return value
 
 
 class DataConfig(Section):
@@ -68,11 +86,55 @@ class DataConfig(Section):
         default=None, description="None: the tokenizer's own chat template; a built-in name or a .jinja path"
     )
     train_on_prompt: bool = Field(default=False, description="train on every token, not only assistant turns")
+    mask_history: bool = Field(
+        default=False, description="train only the last assistant turn of each conversation"
+    )
+    reasoning: Literal["keep", "strip"] = Field(
+        default="keep", description="'strip': remove <think>...</think> from assistant turns before rendering"
+    )
     packing: bool = Field(default=True, description="padding-free packing of samples into rows of seq_len")
+    dedup: bool = Field(
+        default=False, description="drop samples whose tokens and labels repeat an earlier one"
+    )
+    shuffle: bool = Field(
+        default=True, description="shuffle the mixed training samples (seeded by data.seed)"
+    )
+    seed: int = Field(
+        default=0,
+        description="seed for the eval split, mixture subsets and shuffling (independent of train.seed)",
+    )
+    num_proc: PositiveInt | None = Field(
+        default=None, description="processes that tokenize large sources; None: min(4, CPU count)"
+    )
+    cache: bool = Field(default=True, description="cache tokenized sources under <cache root>/data")
+    streaming: bool = Field(
+        default=False,
+        description="read .jsonl training files block by block (bounded memory); needs train.max_steps",
+    )
+    stream_block_rows: PositiveInt = Field(
+        default=4096, description="rows read, packed and shuffled together when streaming"
+    )
     on_error: Literal["raise", "skip"] = "raise"
     max_dropped_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.5, description="abort if more than this fraction of rows is skipped or dropped"
     )
+
+    @field_validator("mask_history")
+    @classmethod
+    def _not_with_train_on_prompt(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("train_on_prompt"):
+            raise ValueError("cannot be combined with data.train_on_prompt (which trains every token)")
+        return value
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_takes_every_row(cls, value: list[DataSource]) -> list[DataSource]:
+        for i, source in enumerate(value):
+            if source.weight is not None or source.samples is not None:
+                raise ValueError(
+                    f"data.eval[{i}] sets weight or samples, which apply to training sources only"
+                )
+        return value
 
 
 class TrainConfig(Section):
@@ -101,6 +163,17 @@ class TrainConfig(Section):
         default="auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU"
     )
     gradient_checkpointing: bool = False
+    activation_offload: bool = Field(
+        default=False,
+        description="with gradient_checkpointing on a GPU: keep checkpointed activations in CPU memory",
+    )
+    compile: bool = Field(
+        default=False, description="torch.compile the decoder (helps on GPUs; slower on small CPUs)"
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto",
+        description="auto: flash_attention_2 (varlen packing) on a GPU where installed, else sdpa",
+    )
     loss_chunk_size: PositiveInt = Field(
         default=1024, description="labelled tokens per chunk of the LM head + CE"
     )
@@ -134,6 +207,12 @@ class RunConfig(Section):
         if not value.strip():
             raise ValueError("expected 'default', a model directory or a .gguf file, got an empty string")
         return value
+
+    @model_validator(mode="after")
+    def _streaming_needs_max_steps(self) -> RunConfig:
+        if self.data.streaming and self.train.max_steps is None:
+            raise ValueError("data.streaming needs train.max_steps (a stream has no known length)")
+        return self
 
     @model_validator(mode="after")
     def _method_matches_data(self) -> RunConfig:

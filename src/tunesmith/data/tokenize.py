@@ -1,21 +1,35 @@
 """Render samples with the chat template and build label masks (-100 = not trained).
 
-Assistant spans are found by rendering prefixes of the conversation with the same template
-the model will see at inference: the text between "prompt up to message i with the
-generation prompt" and "conversation up to message i" is what the model must produce,
-end-of-turn token included. This works for any template that renders prefixes stably,
-and is checked, not assumed.
+Which messages are trained: explicit per-message ``weight`` first (0 or 1); otherwise assistant
+replies, except those that only call tools (a tool call is the prompt for the tool result, and
+the result is prompt too). ``train_on_prompt`` trains every message; ``mask_history`` keeps only
+the last trained reply (multi-turn rows then teach only the final answer).
+
+Where a trained message sits in the rendered text is found with the same template the model
+will see at inference. First by rendering prefixes: the text between "conversation up to
+message i with the generation prompt" and "conversation through message i" is what the model
+must produce, end-of-turn token included. Templates that render history differently from the
+last turn (Qwen3 drops the reasoning of earlier turns) give unstable prefixes; for those
+messages the reply is located in the full rendering instead, in order, followed by the
+end-of-turn text the template writes after it. Neither is assumed: a reply that cannot be
+located is an error naming the row.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from tunesmith.data.conversation import Conversation, RowRef, TextSample
+from tunesmith.data.conversation import Conversation, Message, RowRef, TextSample
 from tunesmith.data.errors import DataError
 
 IGNORE_INDEX = -100
+Reasoning = Literal["keep", "strip"]
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+_THINK_CLOSE = "</think>"
 
 
 @dataclass(frozen=True)
@@ -27,7 +41,7 @@ class TokenizedSample:
 
     @property
     def num_trained(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 def render(
@@ -42,48 +56,185 @@ def render(
     )
 
 
-def _is_trained(message_role: str, weight: float | None, train_on_prompt: bool) -> bool:
-    if weight is not None:
-        return weight > 0
-    return train_on_prompt or message_role == "assistant"
+# --- what is trained ----------------------------------------------------------------------------
+
+
+def strip_reasoning(content: str) -> str:
+    """Remove ``<think>...</think>`` blocks, and any reasoning before an unopened ``</think>``."""
+    content = _THINK_BLOCK.sub("", content)
+    if _THINK_CLOSE in content:
+        content = content.split(_THINK_CLOSE)[-1].lstrip()
+    return content
+
+
+def _is_trained(message: Message, train_on_prompt: bool) -> bool:
+    if message.weight is not None:
+        return message.weight > 0
+    if train_on_prompt:
+        return True
+    return message.role == "assistant" and not message.tool_calls
+
+
+def trained_messages(
+    conv: Conversation, train_on_prompt: bool = False, mask_history: bool = False
+) -> list[int]:
+    """Indices of the messages whose tokens are trained, in order."""
+    chosen = [i for i, m in enumerate(conv.messages) if _is_trained(m, train_on_prompt)]
+    return chosen[-1:] if mask_history else chosen
+
+
+def _template_message(message: Message, reasoning: Reasoning) -> dict[str, Any]:
+    """The dict the template sees: reasoning stripped on request, tool arguments as objects.
+
+    OpenAI data stores ``function.arguments`` as a JSON string while chat templates expect a dict
+    (they ``tojson`` it); a string would be written twice-encoded.
+    """
+    out = message.to_template_dict()
+    if reasoning == "strip" and message.role == "assistant":
+        out["content"] = strip_reasoning(message.content)
+    if message.tool_calls:
+        out["tool_calls"] = [_decode_arguments(call) for call in message.tool_calls]
+    return out
+
+
+def _decode_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+# --- where it is --------------------------------------------------------------------------------
 
 
 def trained_char_spans(
-    tokenizer: Any, template: str, conv: Conversation, train_on_prompt: bool = False
+    tokenizer: Any,
+    template: str,
+    conv: Conversation,
+    train_on_prompt: bool = False,
+    *,
+    mask_history: bool = False,
+    reasoning: Reasoning = "keep",
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the [start, end) character spans whose tokens are trained."""
-    messages = [m.to_template_dict() for m in conv.messages]
+    messages = [_template_message(m, reasoning) for m in conv.messages]
     full = render(tokenizer, template, messages, conv.tools, add_generation_prompt=False)
-    if train_on_prompt and all(m.weight is None for m in conv.messages):
+    if train_on_prompt and not mask_history and all(m.weight is None for m in conv.messages):
         return full, [(0, len(full))]
     spans: list[tuple[int, int]] = []
-    for i, message in enumerate(conv.messages):
-        if not _is_trained(message.role, message.weight, train_on_prompt):
+    done = 0  # end of the last trained span
+    seen = 0  # end of the last message located so far (a hint for where to search next)
+    trained = set(trained_messages(conv, train_on_prompt, mask_history))
+    for i, message in enumerate(messages):
+        if i not in trained:
+            seen = _skip_past(full, message.get("content"), max(seen, done))
             continue
-        is_assistant = message.role == "assistant"
-        before = (
-            render(tokenizer, template, messages[:i], conv.tools, add_generation_prompt=is_assistant)
-            if i
-            else ""
-        )
-        through = render(tokenizer, template, messages[: i + 1], conv.tools, add_generation_prompt=False)
-        if not (full.startswith(through) and through.startswith(before)):
-            raise DataError(
-                f"{conv.source}: the chat template does not render conversation prefixes stably, so the "
-                f"trained span of message {i} cannot be located; set data.template to a built-in template"
-            )
-        end = (
-            len(through.rstrip()) if is_assistant else len(through)
-        )  # keep end-of-turn, drop trailing newline
-        if end > len(before):
-            spans.append((len(before), end))
+        is_assistant = message["role"] == "assistant"
+        span, through = _prefix_span(tokenizer, template, messages, conv.tools, i, full, is_assistant)
+        if span is None or span[0] < done:
+            span = _located_span(full, message["content"], through, (max(seen, done), done), conv.source, i)
+        if span[1] > span[0]:
+            spans.append(span)
+        done = seen = max(done, span[1])
     return full, spans
 
 
+def _prefix_span(
+    tokenizer: Any,
+    template: str,
+    messages: list[dict[str, Any]],
+    tools: Any,
+    i: int,
+    full: str,
+    is_assistant: bool,
+) -> tuple[tuple[int, int] | None, str | None]:
+    """The span from prefix renderings, or None where the prefixes are not stable."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        if i == 0:  # no prefix to render; what a template writes first (a default system prompt) is not it
+            return None, render(tokenizer, template, messages[:1], tools, add_generation_prompt=False)
+        before = render(tokenizer, template, messages[:i], tools, add_generation_prompt=is_assistant)
+        last = i == len(messages) - 1
+        through = full if last else render(tokenizer, template, messages[: i + 1], tools, False)
+    except TemplateError:  # some templates refuse a prefix (e.g. one that ends on a tool call)
+        return None, None
+    if not (full.startswith(through) and through.startswith(before)):
+        return None, through
+    end = len(through.rstrip()) if is_assistant else len(through)  # keep end-of-turn, drop newline
+    return (len(before), max(end, len(before))), through
+
+
+def _located_span(
+    full: str, content: str, through: str | None, starts: tuple[int, int], source: RowRef, i: int
+) -> tuple[int, int]:
+    """Find message i's content in the full rendering, plus its end-of-turn.
+
+    The search starts after the previous message (`starts[0]`), and again after the previous
+    trained span (`starts[1]`) in case an earlier message was matched too far. The end-of-turn
+    text is what the template writes after the content when the message is the last one
+    (`through`); an occurrence not followed by it is not the message (it is a quote).
+    """
+    for cursor in dict.fromkeys(starts):
+        for candidate in _content_candidates(content):
+            eot = _end_of_turn(through, candidate)
+            start = full.find(candidate, cursor)
+            while start >= 0:
+                end = start + len(candidate)
+                if full.startswith(eot, end):
+                    return start, end + len(eot)
+                start = full.find(candidate, start + 1)
+    raise DataError(
+        f"{source}: cannot locate message {i} in the text the chat template renders (the template "
+        f"changes it, and does not render conversation prefixes stably); set data.template to a "
+        f"built-in template or a .jinja file that renders message content verbatim"
+    )
+
+
+def _content_candidates(content: str) -> list[str]:
+    """How a template may have written the content: verbatim, trimmed, or without its reasoning."""
+    out: list[str] = []
+    for text in (content, content.strip(), strip_reasoning(content), strip_reasoning(content).strip()):
+        if text and text not in out:
+            out.append(text)
+    return out
+
+
+def _end_of_turn(through: str | None, content: str) -> str:
+    if not through:
+        return ""
+    at = through.rfind(content)
+    return through[at + len(content) :].rstrip() if at >= 0 else ""
+
+
+def _skip_past(full: str, content: Any, cursor: int) -> int:
+    """Move past an untrained message so that a later reply is not matched inside it."""
+    if not isinstance(content, str) or not content.strip():
+        return cursor
+    at = full.find(content.strip(), cursor)
+    return at + len(content.strip()) if at >= 0 else cursor
+
+
+# --- tokens -------------------------------------------------------------------------------------
+
+
 def tokenize_conversation(
-    tokenizer: Any, template: str, conv: Conversation, seq_len: int, train_on_prompt: bool = False
+    tokenizer: Any,
+    template: str,
+    conv: Conversation,
+    seq_len: int,
+    train_on_prompt: bool = False,
+    *,
+    mask_history: bool = False,
+    reasoning: Reasoning = "keep",
 ) -> TokenizedSample:
-    text, spans = trained_char_spans(tokenizer, template, conv, train_on_prompt)
+    text, spans = trained_char_spans(
+        tokenizer, template, conv, train_on_prompt, mask_history=mask_history, reasoning=reasoning
+    )
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = list(encoding["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)

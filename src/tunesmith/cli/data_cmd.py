@@ -1,0 +1,118 @@
+"""`tunesmith data preview|check`: look at training data before spending compute on it.
+
+Parsing and printing only; the work is in `tunesmith.data` (build, preview, validate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_data_parser(sub: Any) -> None:
+    data = sub.add_parser("data", help="preview or check the training data of a config")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    preview = commands.add_parser(
+        "preview", help="show tokenized samples with the trained tokens marked, and the data counts"
+    )
+    preview.add_argument("config", help="path to a YAML config")
+    preview.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=512")
+    preview.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    preview.add_argument(
+        "--json", action="store_true", help="print one JSON object per sample (input_ids, labels, text)"
+    )
+
+    check = commands.add_parser("check", help="validate every row of every source; exit 1 if any is bad")
+    check.add_argument("config", help="path to a YAML config")
+    check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train.0.path=x.jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"preview": _preview, "check": _check}[args.data_command](args)
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from tunesmith.config.load import load_config
+    from tunesmith.data.build import build_data
+    from tunesmith.data.preview import sample_record, summary_lines
+
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = _load_tokenizer(cfg.model, cfg.trust_remote_code)
+    built = build_data(cfg.data, tokenizer, cfg.method)
+    shown = built.train[: max(0, args.n)]
+    summary = summary_lines(built, cfg.data.seq_len, cfg.data.packing)
+    if args.json:
+        for sample in shown:
+            print(json.dumps(sample_record(tokenizer, sample), ensure_ascii=False))
+        print("\n".join(summary), file=sys.stderr)
+        return 0
+    _print_samples(tokenizer, shown, len(built.train))
+    print("\n".join(summary))
+    return 0
+
+
+def _print_samples(tokenizer: Any, samples: list[Any], total: int) -> None:
+    from rich.console import Console
+
+    from tunesmith.data.preview import marked_text, rich_text, sample_header
+
+    console = Console(highlight=False)
+    for index, sample in enumerate(samples):
+        header = sample_header(sample, index, total)
+        if console.is_terminal:
+            console.rule(header, align="left")
+            console.print(rich_text(tokenizer, sample), soft_wrap=True)
+        else:
+            print(f"--- {header} ---")
+            print(marked_text(tokenizer, sample))
+    if samples:
+        legend = "trained tokens in green" if console.is_terminal else "trained tokens in [[...]]"
+        print(f"({legend})\n")
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Every bad row of every source as `file:line: reason`, then a summary; 1 if anything is bad.
+
+    Each source is read with `read_samples(on_error="skip")`, which is what `check_files` does per
+    path, so that each source keeps its own format and its own `data.train[i]` label.
+    """
+    from tunesmith.config.load import load_config
+    from tunesmith.data.errors import DataError
+    from tunesmith.data.sources import resolve_files
+    from tunesmith.data.validate import read_samples
+
+    cfg = load_config(args.config, args.overrides)
+    sources = [(f"data.train[{i}]", s) for i, s in enumerate(cfg.data.train)]
+    sources += [(f"data.eval[{i}]", s) for i, s in enumerate(cfg.data.eval)]
+    bad = rows = files = 0
+    for label, source in sources:
+        try:
+            result = read_samples(source.path, source.format, "skip", label)
+        except DataError as exc:  # the path itself: missing, unsupported, undetectable format
+            print(exc)
+            bad += 1
+            continue
+        for issue in result.issues:
+            print(issue)
+        bad += len(result.issues)
+        rows += result.rows_read
+        files += len(resolve_files(source.path, label))
+    verdict = "all valid" if not bad else f"{bad} problem{'s' if bad != 1 else ''}"
+    print(
+        f"checked {rows} rows in {files} file{'s' if files != 1 else ''} of {len(sources)} sources: {verdict}"
+    )
+    return 1 if bad else 0
+
+
+def _load_tokenizer(spec: str, trust_remote_code: bool) -> Any:
+    """Only the tokenizer: `model: default` must not convert the whole model to preview data."""
+    from tunesmith.models.load import load_tokenizer, resolve_model_dir
+
+    if spec == "default":
+        from tunesmith.models.default_model import default_tokenizer_dir
+
+        return load_tokenizer(default_tokenizer_dir())
+    return load_tokenizer(resolve_model_dir(spec), trust_remote_code)
