@@ -60,3 +60,16 @@ def test_missing_hub_model_says_offline_not_a_stack_trace(tmp_path):
     )
     assert result.returncode == 2
     assert "never downloads" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_gguf_file_loads_as_a_model(tmp_path, monkeypatch):
+    """The .gguf source converts once into the cache and then loads like any model directory."""
+    from tunesmith.models.default_model import default_gguf_path
+    from tunesmith.models.load import load_model, resolve_model_dir
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    model_dir = resolve_model_dir(str(default_gguf_path()))
+    assert model_dir.is_relative_to(tmp_path / "cache")
+    assert resolve_model_dir(str(default_gguf_path())) == model_dir  # cached: no second conversion
+    model = load_model(model_dir)
+    assert model.config.vocab_size == 49152 and model.config.num_hidden_layers == 30

@@ -44,8 +44,14 @@ def packing_fill(lengths: Sequence[int], bins: Sequence[Sequence[int]], capacity
     return sum(lengths) / (len(bins) * capacity) if bins else 0.0
 
 
-def collate_packed(rows: Sequence[Sequence[TokenizedSample]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Each row is a list of samples laid end to end; rows are right-padded to the longest row."""
+def collate_packed(
+    rows: Sequence[Sequence[TokenizedSample]], pad_id: int, block_mask: bool = True
+) -> dict[str, torch.Tensor]:
+    """Each row is a list of samples laid end to end; rows are right-padded to the longest row.
+
+    With `block_mask=False` (varlen attention kernels) no mask is built: the kernel finds sample
+    boundaries where the position ids restart.
+    """
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     batch = len(rows)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -64,6 +70,8 @@ def collate_packed(rows: Sequence[Sequence[TokenizedSample]], pad_id: int) -> di
             position_ids[r, offset : offset + n] = torch.arange(n)
             segment[r, offset : offset + n] = k
             offset += n
+    if not block_mask:
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     same_sample = segment[:, :, None] == segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = same_sample & causal & (segment[:, :, None] > 0)

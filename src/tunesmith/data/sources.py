@@ -121,10 +121,10 @@ def _read_jsonl(path: Path, name: str) -> Iterator[RowResult]:
             if not raw.strip():
                 continue
             ref = RowRef(name, lineno)
-            yield ref, _parse_json_line(raw, ref)
+            yield ref, parse_json_line(raw, ref)
 
 
-def _parse_json_line(raw: bytes, ref: RowRef) -> Row | RowIssue:
+def parse_json_line(raw: bytes, ref: RowRef) -> Row | RowIssue:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -63,21 +63,23 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Any:
+def load_model(
+    model_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    attention: str = "sdpa",
+) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attention
     )
 
 
 def load_model_and_tokenizer(
-    spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, attention: str = "sdpa"
 ) -> tuple[Any, Any, Path]:
     model_dir = resolve_model_dir(spec)
-    log.info("loading model from %s", model_dir)
-    return (
-        load_model(model_dir, dtype, trust_remote_code),
-        load_tokenizer(model_dir, trust_remote_code),
-        model_dir,
-    )
+    log.info("loading model from %s (attention: %s)", model_dir, attention)
+    model = load_model(model_dir, dtype, trust_remote_code, attention)
+    return model, load_tokenizer(model_dir, trust_remote_code), model_dir

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ class TrainerState:
     tokens_seen: int
     trained_tokens_seen: int
     scheduler: dict[str, Any]
+    data: dict[str, Any] = field(
+        default_factory=dict
+    )  # the batch stream's position, when it needs more than step
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

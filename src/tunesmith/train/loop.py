@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -15,7 +16,9 @@ import torch
 from tunesmith.config.load import dump_config
 from tunesmith.config.schema import RunConfig
 from tunesmith.data.build import BuiltData
-from tunesmith.train.batching import BatchStream, MicroBatch
+from tunesmith.data.streaming import StreamingRows
+from tunesmith.models.attention import needs_block_mask
+from tunesmith.train.batching import BatchStream, MicroBatch, StreamingBatchStream
 from tunesmith.train.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.train.losses import CausalLMWithLoss
 from tunesmith.train.methods import get_method
@@ -76,6 +79,7 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
     from accelerate.utils import set_seed
 
     from tunesmith.models.adapters import apply_adapter, count_parameters
+    from tunesmith.models.attention import choose_attention
     from tunesmith.models.load import load_model_and_tokenizer
 
     run_dir = Path(cfg.output.dir)
@@ -87,9 +91,19 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
     if accelerator.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slowed CPU steps up to 5.5x as weights drifted small
     set_seed(cfg.train.seed)
-    model, tokenizer, model_dir = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    attention = choose_attention(cfg.train.attention, accelerator.device.type)
+    model, tokenizer, model_dir = load_model_and_tokenizer(
+        cfg.model, trust_remote_code=cfg.trust_remote_code, attention=attention
+    )
     method = get_method(cfg.method)
-    data = method.build_data(cfg.data, tokenizer)
+    rows = None
+    if cfg.data.streaming:
+        from tunesmith.data.stream_build import build_streaming
+
+        rows, eval_samples, report = build_streaming(cfg.data, tokenizer, cfg.method, cfg.train.seed)
+        data = BuiltData([], eval_samples, report)
+    else:
+        data = method.build_data(cfg.data, tokenizer)
     model = apply_adapter(model, cfg.adapter)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -97,7 +111,9 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
             model.enable_input_require_grads()
     trainable, total = count_parameters(model)
 
-    trainer = Trainer(cfg, accelerator, model, tokenizer, method, data, run_dir, show_progress)
+    trainer = Trainer(
+        cfg, accelerator, model, tokenizer, method, data, run_dir, show_progress, attention, rows
+    )
     trainer.reporter_message(
         f"model {cfg.model} ({model_dir}); training {trainable:,} of {total:,} parameters "
         f"({cfg.adapter.type}); data: {data.report.summary()}"
@@ -124,27 +140,44 @@ class Trainer:
         data: BuiltData,
         run_dir: Path,
         show_progress: bool,
+        attention: str = "sdpa",
+        stream_rows: StreamingRows | None = None,
     ) -> None:
         t = cfg.train
         self.cfg, self.accelerator, self.method, self.run_dir = cfg, accelerator, method, run_dir
-        pad_id = tokenizer.pad_token_id
-        self.stream = BatchStream(
-            data.train, t.batch_size, cfg.data.seq_len, pad_id, cfg.data.packing, t.seed
+        pad_id, seq_len, packing = tokenizer.pad_token_id, cfg.data.seq_len, cfg.data.packing
+        block_mask = needs_block_mask(attention)
+        self.stream: BatchStream | StreamingBatchStream = (
+            StreamingBatchStream(stream_rows, t.batch_size, pad_id, packing, block_mask)
+            if stream_rows is not None
+            else BatchStream(
+                data.train, t.batch_size, seq_len, pad_id, packing, t.seed, block_mask=block_mask
+            )
         )
         self.eval_stream = (
             BatchStream(
-                data.eval, t.batch_size, cfg.data.seq_len, pad_id, cfg.data.packing, t.seed, shuffle=False
+                data.eval,
+                t.batch_size,
+                seq_len,
+                pad_id,
+                packing,
+                t.seed,
+                shuffle=False,
+                block_mask=block_mask,
             )
             if data.eval
             else None
         )
         data.report.packing_fill = self.stream.fill
-        per_process = len(self.stream) / accelerator.num_processes
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_process / t.grad_accum))
+        if t.max_steps:
+            self.total_steps = t.max_steps
+        else:  # only the in-memory stream has a length (streaming requires max_steps)
+            per_process = len(self.stream) / accelerator.num_processes
+            self.total_steps = max(1, math.ceil(t.epochs * per_process / t.grad_accum))
         optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay)
         self.scheduler = build_scheduler(optimizer, t.scheduler, t.warmup_ratio, self.total_steps)
         self.wrapped, self.optimizer = accelerator.prepare(
-            CausalLMWithLoss(model, t.loss_chunk_size), optimizer
+            CausalLMWithLoss(model, t.loss_chunk_size, compile_decoder=t.compile), optimizer
         )
         self.reporter = ProgressReporter(
             self.total_steps, 0, enabled=show_progress and accelerator.is_main_process
@@ -161,6 +194,7 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.wrapped).model
         self.state = load_checkpoint(checkpoint, model, self.optimizer)
         self.scheduler.load_state_dict(self.state.scheduler)
+        self.stream.load_state_dict(self.state.data)
         self.reporter.message(f"resumed from {checkpoint} at step {self.state.step}")
 
     def run(self, resume_from: Path | None, stop_after_step: int | None = None) -> TrainResult:
@@ -206,12 +240,15 @@ class Trainer:
     def _epoch_ended(self) -> bool:
         if self.cfg.train.eval_every:
             return False
+        if self.stream.per_epoch is None:
+            return False
         per_epoch = len(self.stream) / self.accelerator.num_processes
         done = self.state.micro_batches_done
         return done // per_epoch != (done - self.cfg.train.grad_accum) // per_epoch
 
     def _save(self) -> Path | None:
         self.state.scheduler = self.scheduler.state_dict()
+        self.state.data = self.stream.state_dict()
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
@@ -252,7 +289,9 @@ class Trainer:
         self.state.trained_tokens_seen += sum(mb.trained_tokens for mb in micro)
         return {
             "step": self.state.step,
-            "epoch": round(self.state.micro_batches_done * world / len(self.stream), 4),
+            "epoch": None
+            if self.stream.per_epoch is None
+            else round(self.state.micro_batches_done * world / len(self.stream), 4),
             "loss": loss_total / self.accelerator.num_processes,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -262,8 +301,13 @@ class Trainer:
 
     def _backward(self, mb: MicroBatch, scale: float, sync: bool) -> float:
         batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
-        context = self.accelerator.no_sync(self.wrapped) if not sync else _nullcontext()
-        with context, self.accelerator.autocast():
+        sync_context = self.accelerator.no_sync(self.wrapped) if not sync else contextlib.nullcontext()
+        offload = (
+            torch.autograd.graph.save_on_cpu(pin_memory=True)
+            if self.cfg.train.activation_offload and self.accelerator.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        with sync_context, offload, self.accelerator.autocast():
             out = self.method.compute_loss(self.wrapped, batch)
             loss = out.loss_sum * scale
         if not torch.isfinite(loss):
@@ -302,11 +346,3 @@ class Trainer:
             return value
         tensor = torch.tensor([value], device=self.accelerator.device, dtype=torch.float64)
         return float(self.accelerator.reduce(tensor, reduction="sum").item())
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -1,0 +1,77 @@
+"""A multi-GB JSON Lines file streams with bounded memory (slow: writes about 2 GB)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import base_config
+
+pytestmark = pytest.mark.slow
+GIGABYTES = 2
+
+
+def _write_big_jsonl(path, gigabytes):
+    filler = " ".join(f"word{i % 97}" for i in range(300))  # about 2 KB per row
+    target = gigabytes * 1024**3
+    written = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        i = 0
+        while written < target:
+            row = (
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Row {i}. {filler}"},
+                            {"role": "assistant", "content": f"Answer {i}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+            handle.write(row)
+            written += len(row)
+            i += 1
+    return written
+
+
+def test_multi_gigabyte_file_trains_with_bounded_memory(tiny_model_dirs, tmp_path):
+    data = tmp_path / "big.jsonl"
+    size = _write_big_jsonl(data, GIGABYTES)
+    run = tmp_path / "run"
+    cfg = base_config(
+        tiny_model_dirs["llama"],
+        data,
+        run,
+        data={
+            "train": [{"path": str(data)}],
+            "seq_len": 1024,
+            "packing": True,
+            "streaming": True,
+            "stream_block_rows": 512,
+        },
+        train={"max_steps": 6, "batch_size": 2, "lr": 1e-3, "save_every": 3},
+    )
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli.main", "train", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib >= before
+    peak_bytes = peak_kib * 1024
+    assert peak_bytes < size / 2, f"peak RSS {peak_bytes / 1e9:.2f} GB for a {size / 1e9:.2f} GB file"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    state = json.loads(sorted((run / "checkpoints").glob("step-*/state.json"))[-1].read_text())
+    assert state["data"]["rows"]["offset"] < size / 100  # six steps used only the first blocks of the file
