@@ -89,3 +89,32 @@ def test_packed_labels_never_cross_a_sample_boundary():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     mask = batch["attention_mask"][0, 0]
     assert not mask[3, :3].any() and mask[4, 3] and not mask[1, 2]
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(adapter):
+    from peft import LoraConfig, get_peft_model
+
+    def loss_and_grads(checkpointing: bool):
+        model = _model("llama", seed=3)
+        if adapter == "lora":
+            model = get_peft_model(
+                model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+            )
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if adapter == "lora":
+                model.enable_input_require_grads()
+        model.train()
+        loss_sum, count = CausalLMWithLoss(model, chunk_size=8)(
+            **collate_padded(_samples(3, seed=4), pad_id=2)
+        )
+        (loss_sum / count).backward()
+        return loss_sum / count, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads(False)
+    ckpt_loss, ckpt = loss_and_grads(True)
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=1e-6)
+    assert plain.keys() == ckpt.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
