@@ -13,7 +13,7 @@ def train(
     config: str | Path | dict[str, Any] | RunConfig, show_progress: bool = True, **overrides: Any
 ) -> Path:
     """Train and return the run directory. Overrides use dotted keys: `train(cfg, **{"train.lr": 1e-4})`."""
-    from tunesmith.train.loop import train as run_training
+    from tunesmith.training.loop import train as run_training
 
     cfg = load_config(config, overrides or None)
     return run_training(cfg, show_progress=show_progress).run_dir

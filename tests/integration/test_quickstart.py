@@ -10,7 +10,7 @@ import pytest
 from tunesmith.config.load import load_config
 from tunesmith.infer.generate import generate_reply
 from tunesmith.infer.loading import load_for_inference
-from tunesmith.train.loop import train
+from tunesmith.training.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -7,10 +7,10 @@ import torch
 
 from conftest import base_config
 from tunesmith.config.load import load_config
-from tunesmith.train.checkpoint import committed_checkpoints
-from tunesmith.train.loop import TrainingDiverged, train
-from tunesmith.train.methods.base import LossOutput
-from tunesmith.train.methods.sft import SFT
+from tunesmith.training.checkpoint import committed_checkpoints
+from tunesmith.training.loop import TrainingDiverged, train
+from tunesmith.training.methods.base import LossOutput
+from tunesmith.training.methods.sft import SFT
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_model_dirs, chat_file, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from conftest import base_config
 from tunesmith.config.load import load_config
 from tunesmith.export.merge import export_run
 from tunesmith.infer.loading import load_for_inference
-from tunesmith.train.loop import train
+from tunesmith.training.loop import train
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma"])

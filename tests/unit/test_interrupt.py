@@ -12,7 +12,7 @@ import time
 import yaml
 
 from conftest import base_config
-from tunesmith.train.checkpoint import committed_checkpoints
+from tunesmith.training.checkpoint import committed_checkpoints
 
 
 def test_ctrl_c_saves_checkpoint_and_resume_continues(tiny_model_dirs, chat_file, tmp_path):

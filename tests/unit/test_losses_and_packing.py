@@ -11,15 +11,20 @@ from conftest import ARCHITECTURES, tiny_config
 from tunesmith.data.conversation import RowRef
 from tunesmith.data.packing import collate_packed, collate_padded, pack_first_fit_decreasing, packing_fill
 from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample
-from tunesmith.train.losses import CausalLMWithLoss
+from tunesmith.models.attention import packed_mask_kind
+from tunesmith.models.varlen_attention import NAME as VARLEN_SDPA
+from tunesmith.models.varlen_attention import register_varlen_sdpa
+from tunesmith.training.losses import CausalLMWithLoss
 
 
-def _model(arch: str, vocab: int = 300, seed: int = 0):
+def _model(arch: str, vocab: int = 300, seed: int = 0, attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
+    if attention == VARLEN_SDPA:
+        register_varlen_sdpa()
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(
-        tiny_config(arch, vocab), dtype=torch.float32, attn_implementation="sdpa"
+        tiny_config(arch, vocab), dtype=torch.float32, attn_implementation=attention
     )
 
 
@@ -46,8 +51,10 @@ def test_chunked_loss_equals_model_loss(arch, chunk):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_packed_batch_matches_samples_run_one_by_one(arch):
-    model = _model(arch)
+@pytest.mark.parametrize("attention", ["sdpa", "eager", VARLEN_SDPA])
+def test_packed_batch_matches_samples_run_one_by_one(arch, attention):
+    """sdpa/eager isolate packed samples with a block mask; the varlen kernel with position ids alone."""
+    model = _model(arch, attention=attention)
     wrapped = CausalLMWithLoss(model, chunk_size=16)
     samples = _samples(6, seed=1)
 
@@ -63,8 +70,10 @@ def test_packed_batch_matches_samples_run_one_by_one(arch):
         [samples[i] for i in unit]
         for unit in pack_first_fit_decreasing([len(s.input_ids) for s in samples], 64)
     ]
-    assert any(len(r) > 1 for r in rows)
-    loss_sum, n = wrapped(**collate_packed(rows, pad_id=2))
+    assert (
+        any(len(r) > 1 for r in rows) and len({sum(len(s.input_ids) for s in r) for r in rows}) > 1
+    )  # padded tails
+    loss_sum, n = wrapped(**collate_packed(rows, pad_id=2, block_mask=packed_mask_kind(attention)))
     assert int(n) == count
     (loss_sum / n).backward()
     torch.testing.assert_close(loss_sum / n, total / count, rtol=1e-5, atol=1e-5)

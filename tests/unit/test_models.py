@@ -8,8 +8,9 @@ import torch
 from tunesmith.data.conversation import RowRef
 from tunesmith.data.packing import collate_packed
 from tunesmith.data.tokenize import TokenizedSample
-from tunesmith.models.attention import choose_attention, needs_block_mask
+from tunesmith.models.attention import choose_attention, packed_mask_kind
 from tunesmith.models.load import ModelNotFound, resolve_model_dir
+from tunesmith.models.varlen_attention import NAME as VARLEN_SDPA
 
 
 def test_hub_id_that_is_not_cached_says_offline_and_how_to_fix(tmp_path, monkeypatch):
@@ -34,10 +35,12 @@ def test_local_model_directory_resolves_to_itself(tiny_model_dirs):
     assert resolve_model_dir(str(tiny_model_dirs["llama"])) == tiny_model_dirs["llama"]
 
 
-def test_attention_choice_on_cpu_uses_sdpa_with_block_masks():
-    assert choose_attention("auto", "cpu") == "sdpa"
-    assert needs_block_mask("sdpa") and needs_block_mask("eager")
-    assert not needs_block_mask("flash_attention_2")
+def test_attention_choice_on_cpu_is_per_sample_sdpa_without_masks():
+    assert choose_attention("auto", "cpu") == VARLEN_SDPA
+    assert choose_attention("varlen_sdpa", "cpu") == VARLEN_SDPA
+    assert choose_attention("sdpa", "cpu") == "sdpa"
+    assert packed_mask_kind("sdpa") == "bool" and packed_mask_kind("eager") == "additive"
+    assert packed_mask_kind("flash_attention_2") == packed_mask_kind(VARLEN_SDPA) == "none"
     with pytest.raises(ValueError, match="flash-attn"):
         choose_attention("flash_attention_2", "cpu")
 
@@ -49,7 +52,7 @@ def test_varlen_collate_carries_boundaries_in_position_ids_only():
             TokenizedSample([8, 9], [8, 9], RowRef("m", 2)),
         ]
     ]
-    batch = collate_packed(rows, pad_id=0, block_mask=False)
+    batch = collate_packed(rows, pad_id=0, block_mask="none")
     assert "attention_mask" not in batch
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     torch.testing.assert_close(batch["labels"], collate_packed(rows, pad_id=0)["labels"])

@@ -7,8 +7,8 @@ import torch
 
 from conftest import base_config, write_chat_jsonl
 from tunesmith.config.load import load_config
-from tunesmith.train.checkpoint import committed_checkpoints
-from tunesmith.train.loop import Trainer, train
+from tunesmith.training.checkpoint import committed_checkpoints
+from tunesmith.training.loop import Trainer, train
 
 ROWS = [(f"Question number {i}: what is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(10)]
 
@@ -92,7 +92,7 @@ def _rows(path):
 
 
 def test_refuses_to_mix_runs_in_one_directory(tiny_model_dirs, chat_file, tmp_path):
-    from tunesmith.train.run_dir import RunDirError
+    from tunesmith.training.run_dir import RunDirError
 
     cfg = load_config(base_config(tiny_model_dirs["llama"], chat_file, tmp_path / "run"))
     train(cfg, show_progress=False)

@@ -9,7 +9,7 @@ import pytest
 from conftest import base_config
 from tunesmith.config.load import load_config
 from tunesmith.data.errors import DataError
-from tunesmith.train.loop import train
+from tunesmith.training.loop import train
 
 BAD_ROWS = [
     '{"messages": [{"role": "user", "content": "hi"}]}',  # no assistant turn

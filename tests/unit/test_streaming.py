@@ -8,7 +8,7 @@ import torch
 
 from conftest import base_config
 from tunesmith.config.load import load_config
-from tunesmith.train.loop import train
+from tunesmith.training.loop import train
 
 
 def _write_rows(path, count, start=0):

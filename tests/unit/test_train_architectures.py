@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import ARCHITECTURES, base_config
 from tunesmith.config.load import load_config
-from tunesmith.train.loop import train
+from tunesmith.training.loop import train
 
 
 def _initial_weights(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -76,8 +76,8 @@ def _is_user_error(exc: Exception) -> bool:
     from tunesmith.data.errors import DataError
     from tunesmith.models.default_model import DefaultModelMissing
     from tunesmith.models.load import ModelNotFound
-    from tunesmith.train.loop import TrainingDiverged
-    from tunesmith.train.run_dir import RunDirError
+    from tunesmith.training.loop import TrainingDiverged
+    from tunesmith.training.run_dir import RunDirError
 
     return isinstance(
         exc,
@@ -93,7 +93,7 @@ def _is_user_error(exc: Exception) -> bool:
 
 def _train(args: argparse.Namespace) -> int:
     from tunesmith.config.load import load_config
-    from tunesmith.train.loop import train
+    from tunesmith.training.loop import train
 
     overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
     cfg = load_config(args.config, overrides)

@@ -170,9 +170,10 @@ class TrainConfig(Section):
     compile: bool = Field(
         default=False, description="torch.compile the decoder (helps on GPUs; slower on small CPUs)"
     )
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+    attention: Literal["auto", "varlen_sdpa", "sdpa", "eager", "flash_attention_2"] = Field(
         default="auto",
-        description="auto: flash_attention_2 (varlen packing) on a GPU where installed, else sdpa",
+        description="auto: flash_attention_2 on a GPU where installed, else varlen_sdpa (per-sample causal SDPA); "
+        "sdpa/eager isolate packed samples with a block-diagonal mask",
     )
     loss_chunk_size: PositiveInt = Field(
         default=1024, description="labelled tokens per chunk of the LM head + CE"

@@ -45,12 +45,12 @@ def packing_fill(lengths: Sequence[int], bins: Sequence[Sequence[int]], capacity
 
 
 def collate_packed(
-    rows: Sequence[Sequence[TokenizedSample]], pad_id: int, block_mask: bool = True
+    rows: Sequence[Sequence[TokenizedSample]], pad_id: int, block_mask: str = "bool"
 ) -> dict[str, torch.Tensor]:
     """Each row is a list of samples laid end to end; rows are right-padded to the longest row.
 
-    With `block_mask=False` (varlen attention kernels) no mask is built: the kernel finds sample
-    boundaries where the position ids restart.
+    `block_mask`: "bool" (True = attend, for sdpa), "additive" (0 / -inf scores, for eager), or "none"
+    for varlen kernels, which find sample boundaries where the position ids restart.
     """
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     batch = len(rows)
@@ -70,18 +70,21 @@ def collate_packed(
             position_ids[r, offset : offset + n] = torch.arange(n)
             segment[r, offset : offset + n] = k
             offset += n
-    if not block_mask:
+    if block_mask == "none":
+        for r in range(batch):  # the padding tail counts up as one more segment, not one per token
+            used = int((segment[r] > 0).sum())
+            position_ids[r, used:] = torch.arange(width - used)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     same_sample = segment[:, :, None] == segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = same_sample & causal & (segment[:, :, None] > 0)
     mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself only: no empty softmax rows
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "attention_mask": mask[:, None, :, :],
-    }
+    mask = mask[:, None, :, :]
+    if block_mask == "additive":
+        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(
+            ~mask, torch.finfo(torch.float32).min
+        )
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
 
 
 def collate_padded(samples: Sequence[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:

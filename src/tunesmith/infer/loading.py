@@ -15,7 +15,7 @@ def load_for_inference(spec: str, dtype: torch.dtype = torch.float32) -> tuple[A
     """Return (model, tokenizer) in eval mode; LoRA runs come back as an unmerged PeftModel."""
     path = Path(spec).expanduser()
     if (path / "run.json").is_file():
-        from tunesmith.train.run_dir import read_run_info
+        from tunesmith.training.run_dir import read_run_info
 
         info = read_run_info(path)
         target = path / info["kind"]

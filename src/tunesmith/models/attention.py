@@ -1,26 +1,35 @@
-"""Which attention kernel to load a model with, and whether packed rows need a block mask."""
+"""Which attention kernel a model trains with, and whether packed rows need a block mask."""
 
 from __future__ import annotations
 
 import importlib.util
 
-VARLEN_KERNELS = ("flash_attention_2",)
+from tunesmith.models.varlen_attention import NAME as VARLEN_SDPA
+
+# Kernels that find sample boundaries from position ids (no mask needed); config name -> transformers name.
+VARLEN_KERNELS = {"varlen_sdpa": VARLEN_SDPA, "flash_attention_2": "flash_attention_2"}
 
 
 def choose_attention(requested: str, device_type: str) -> str:
-    """`auto` picks flash-attention (varlen: packed samples isolated by position ids) on a GPU where
-    the package is installed, else PyTorch SDPA (packed samples isolated by a block-diagonal mask)."""
-    if requested != "auto":
-        if requested == "flash_attention_2" and not _has_flash_attn(device_type):
-            raise ValueError("train.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package")
-        return requested
-    return "flash_attention_2" if _has_flash_attn(device_type) else "sdpa"
+    """The transformers attention implementation for `train.attention`.
+
+    `auto`: flash-attention varlen on a GPU where the package is installed, else per-sample causal SDPA
+    (`varlen_sdpa`): both skip the cross-sample work a block-diagonal mask would still compute.
+    """
+    if requested == "auto":
+        return "flash_attention_2" if _has_flash_attn(device_type) else VARLEN_SDPA
+    if requested == "flash_attention_2" and not _has_flash_attn(device_type):
+        raise ValueError("train.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package")
+    return VARLEN_KERNELS.get(requested, requested)
 
 
 def _has_flash_attn(device_type: str) -> bool:
     return device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
 
 
-def needs_block_mask(attention: str) -> bool:
-    """Varlen kernels read sample boundaries from position ids; the others need an explicit 4-D mask."""
-    return attention not in VARLEN_KERNELS
+def packed_mask_kind(attention: str) -> str:
+    """How packed rows tell the kernel where samples end: `none` (varlen kernels read restarting
+    position ids), `additive` (eager adds the mask to the scores) or `bool` (sdpa and the rest)."""
+    if attention in VARLEN_KERNELS.values():
+        return "none"
+    return "additive" if attention == "eager" else "bool"

@@ -71,6 +71,11 @@ def load_model(
 ) -> Any:
     from transformers import AutoModelForCausalLM
 
+    from tunesmith.models.varlen_attention import NAME as VARLEN_SDPA
+    from tunesmith.models.varlen_attention import register_varlen_sdpa
+
+    if attention == VARLEN_SDPA:
+        register_varlen_sdpa()
     return AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attention
     )

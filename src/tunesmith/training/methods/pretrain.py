@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunesmith.train.methods.sft import SFT
+from tunesmith.training.methods.sft import SFT
 
 
 class Pretrain(SFT):

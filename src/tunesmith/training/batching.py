@@ -29,7 +29,7 @@ class MicroBatch:
 
 
 def collate_rows(
-    rows: list[list[TokenizedSample]], pad_id: int, packing: bool, block_mask: bool = True
+    rows: list[list[TokenizedSample]], pad_id: int, packing: bool, block_mask: str = "bool"
 ) -> MicroBatch:
     if packing:
         tensors = collate_packed(rows, pad_id, block_mask)
@@ -54,7 +54,7 @@ class BatchStream:
         packing: bool,
         seed: int,
         shuffle: bool = True,
-        block_mask: bool = True,
+        block_mask: str = "bool",
     ) -> None:
         self.samples = samples
         self.block_mask = block_mask
@@ -101,7 +101,7 @@ class StreamingBatchStream:
     fill = None
 
     def __init__(
-        self, rows: StreamingRows, batch_size: int, pad_id: int, packing: bool, block_mask: bool = True
+        self, rows: StreamingRows, batch_size: int, pad_id: int, packing: bool, block_mask: str = "bool"
     ) -> None:
         self.rows, self.batch_size, self.pad_id, self.packing = rows, batch_size, pad_id, packing
         self.block_mask = block_mask

@@ -8,7 +8,7 @@ import torch
 
 from tunesmith.config.schema import DataConfig
 from tunesmith.data.build import BuiltData, build_data
-from tunesmith.train.methods.base import LossOutput
+from tunesmith.training.methods.base import LossOutput
 
 
 class SFT:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from tunesmith.train.methods.base import Method
+from tunesmith.training.methods.base import Method
 
 
 def get_method(name: str) -> Method:
-    from tunesmith.train.methods.pretrain import Pretrain
-    from tunesmith.train.methods.sft import SFT
+    from tunesmith.training.methods.pretrain import Pretrain
+    from tunesmith.training.methods.sft import SFT
 
     methods: dict[str, type] = {"sft": SFT, "pretrain": Pretrain}
     if name not in methods:

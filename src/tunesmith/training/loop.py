@@ -17,15 +17,20 @@ from tunesmith.config.load import dump_config
 from tunesmith.config.schema import RunConfig
 from tunesmith.data.build import BuiltData
 from tunesmith.data.streaming import StreamingRows
-from tunesmith.models.attention import needs_block_mask
-from tunesmith.train.batching import BatchStream, MicroBatch, StreamingBatchStream
-from tunesmith.train.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from tunesmith.train.losses import CausalLMWithLoss
-from tunesmith.train.methods import get_method
-from tunesmith.train.metrics import MetricsLog, plot_curves
-from tunesmith.train.optim import build_optimizer, build_scheduler
-from tunesmith.train.progress import ProgressReporter
-from tunesmith.train.run_dir import prepare_run_dir, save_final
+from tunesmith.models.attention import packed_mask_kind
+from tunesmith.training.batching import BatchStream, MicroBatch, StreamingBatchStream
+from tunesmith.training.checkpoint import (
+    TrainerState,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from tunesmith.training.losses import CausalLMWithLoss
+from tunesmith.training.methods import get_method
+from tunesmith.training.metrics import MetricsLog, plot_curves
+from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.progress import ProgressReporter
+from tunesmith.training.run_dir import prepare_run_dir, save_final
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +151,7 @@ class Trainer:
         t = cfg.train
         self.cfg, self.accelerator, self.method, self.run_dir = cfg, accelerator, method, run_dir
         pad_id, seq_len, packing = tokenizer.pad_token_id, cfg.data.seq_len, cfg.data.packing
-        block_mask = needs_block_mask(attention)
+        block_mask = packed_mask_kind(attention)
         self.stream: BatchStream | StreamingBatchStream = (
             StreamingBatchStream(stream_rows, t.batch_size, pad_id, packing, block_mask)
             if stream_rows is not None

@@ -1,0 +1,95 @@
+"""Padding-free attention on any device: each packed sample attends only to itself.
+
+A block-diagonal mask over a packed row of length L costs L^2 attention work whatever the
+samples' lengths, and forces the masked (slower) kernel. Here every sample found in the row
+(position ids restart at 0) runs as its own causal SDPA call, so the work is the sum of n_i^2
+and the fast causal kernel is used. Registered with transformers' attention interface under
+one name, explicitly, when a model is loaded with it; nothing changes on import.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+NAME = "tunesmith_varlen_sdpa"
+
+
+def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) spans where position ids count up by one from a restart."""
+    restarts = torch.ones_like(position_ids, dtype=torch.bool)
+    restarts[:, 1:] = torch.diff(position_ids, dim=-1) != 1
+    bounds = []
+    length = position_ids.shape[1]
+    for row in restarts:
+        starts = row.nonzero().flatten().tolist() + [length]
+        bounds.append(list(zip(starts[:-1], starts[1:], strict=True)))
+    return bounds
+
+
+def varlen_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query (B, H, L, D), key/value (B, H_kv, L, D) -> output (B, L, H, D), like transformers' kernels."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(query.shape[2], device=query.device)
+    # Models may pass (1, L) for a whole batch.
+    position_ids = position_ids.reshape(-1, query.shape[2]).expand(query.shape[0], -1)
+    window = kwargs.get("sliding_window")
+    gqa = key.shape[1] != query.shape[1]
+    rows = []
+    for b, spans in enumerate(segment_bounds(position_ids)):
+        parts = []
+        for start, end in spans:
+            q, k, v = (t[b : b + 1, :, start:end] for t in (query, key, value))
+            mask = _sliding_mask(end - start, window, q.device) if window and end - start > window else None
+            parts.append(
+                F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    dropout_p=dropout,
+                    scale=scaling,
+                    enable_gqa=gqa,
+                )
+            )
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _sliding_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(length, device=device)
+    return (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """Sample boundaries come from position ids, so transformers need not build any mask."""
+    return None
+
+
+def register_varlen_sdpa() -> str:
+    """Make `attn_implementation="tunesmith_varlen_sdpa"` loadable; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, varlen_sdpa_forward)
+        AttentionMaskInterface.register(NAME, _no_mask)
+        log.info("registered attention implementation %s", NAME)
+    return NAME
