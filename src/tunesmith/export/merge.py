@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunesmith.infer.loading import load_for_inference
+from tunesmith.models.save import save_model_dir
 
 PROBE = [{"role": "user", "content": "Write one sentence about the sea."}]
 
@@ -39,12 +39,4 @@ def export_run(run_dir: Path, out: Path, merge: bool = True, tolerance: float = 
             raise ExportMismatch(
                 f"merged model differs from the adapter model (max logit difference {difference})"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    return save_model_dir(model, tokenizer, out)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config.schema import LoraAdapter, RunConfig
+from tunesmith.models.save import save_model_dir
 
 RUN_INFO = "run.json"
 
@@ -37,14 +38,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
 def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: RunConfig, base_model_dir: Path) -> Path:
     """LoRA -> `adapter/` (standard PEFT files); full/freeze -> `model/` (safetensors); tokenizer beside it."""
     is_lora = isinstance(cfg.adapter, LoraAdapter)
-    out = run_dir / ("adapter" if is_lora else "model")
-    staging = run_dir / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    out = save_model_dir(model, tokenizer, run_dir / ("adapter" if is_lora else "model"))
     info = {
         "base_model": str(base_model_dir),
         "model_spec": cfg.model,
