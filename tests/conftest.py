@@ -102,6 +102,9 @@ def base_config(model_dir: Path, data_file: Path, out: Path, **sections: Any) ->
             "warmup_ratio": 0.0,
             "seed": 0,
             "max_grad_norm": None,
+            # Exact comparisons (resume, accumulation, packing) need fp32; `auto` would pick bf16 on
+            # AMX CPUs. The bf16 path has its own tests.
+            "precision": "fp32",
         },
         "output": {"dir": str(out)},
     }

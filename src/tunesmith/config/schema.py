@@ -160,7 +160,9 @@ class TrainConfig(Section):
         default="never", description="'auto': continue from the latest checkpoint; or a checkpoint path"
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU"
+        default="auto",
+        description="auto: bf16 (autocast, fp32 trainable weights) on GPUs that support it and on CPUs "
+        "with AMX; fp32 elsewhere",
     )
     gradient_checkpointing: bool = False
     activation_offload: bool = Field(

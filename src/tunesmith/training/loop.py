@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tunesmith.config.load import dump_config
-from tunesmith.config.schema import RunConfig
+from tunesmith.config.schema import LoraAdapter, RunConfig
 from tunesmith.data.build import BuiltData
 from tunesmith.data.streaming import StreamingRows
 from tunesmith.models.attention import packed_mask_kind
@@ -29,6 +29,13 @@ from tunesmith.training.losses import CausalLMWithLoss
 from tunesmith.training.methods import get_method
 from tunesmith.training.metrics import MetricsLog, plot_curves
 from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.precision import (
+    accelerate_mixed_precision,
+    allow_new_mixed_precision,
+    resolve_precision,
+    restore_fp32,
+    store_frozen_linear_weights,
+)
 from tunesmith.training.progress import ProgressReporter
 from tunesmith.training.run_dir import prepare_run_dir, save_final
 
@@ -72,12 +79,6 @@ class TrainResult:
     model: Any = None  # the trained (unwrapped) model, for callers in the same process
 
 
-def _precision(cfg: RunConfig) -> str:
-    if cfg.train.precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no"}.get(cfg.train.precision, cfg.train.precision)
-
-
 def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | None = None) -> TrainResult:
     """Run a whole training job. `stop_after_step` acts like a Ctrl-C after that step (for tests)."""
     from accelerate import Accelerator
@@ -92,7 +93,11 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
     prepare_run_dir(run_dir, resuming=resume_from is not None, overwrite=cfg.output.overwrite)
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
-    accelerator = Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(cfg.train.precision, device_type)
+    mixed_precision = accelerate_mixed_precision(precision)
+    allow_new_mixed_precision(mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device_type == "cpu")
     if accelerator.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slowed CPU steps up to 5.5x as weights drifted small
     set_seed(cfg.train.seed)
@@ -110,6 +115,9 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
     else:
         data = method.build_data(cfg.data, tokenizer)
     model = apply_adapter(model, cfg.adapter)
+    low_precision_base = precision == "bf16" and isinstance(cfg.adapter, LoraAdapter)
+    if low_precision_base:  # only the adapter is saved, so the base may live in bf16
+        store_frozen_linear_weights(model, torch.bfloat16)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -121,13 +129,16 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
     )
     trainer.reporter_message(
         f"model {cfg.model} ({model_dir}); training {trainable:,} of {total:,} parameters "
-        f"({cfg.adapter.type}); data: {data.report.summary()}"
+        f"({cfg.adapter.type}); precision {precision}"
+        f"{' (frozen weights in bf16)' if low_precision_base else ''}; data: {data.report.summary()}"
     )
     try:
         result = trainer.run(resume_from, stop_after_step)
     finally:
         trainer.close()
     result.model = accelerator.unwrap_model(trainer.wrapped).model
+    if low_precision_base:
+        restore_fp32(result.model)
     if not result.interrupted and accelerator.is_main_process:
         save_final(run_dir, result.model, tokenizer, cfg, model_dir)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
