@@ -29,7 +29,9 @@ def _samples(count: int, seq_len: int, seed: int) -> list[TokenizedSample]:
     rng = random.Random(seed)
     out = []
     for i in range(count):
-        n = min(seq_len, int(rng.lognormvariate(5.3, 0.6)) + 16)  # median ~215 tokens, like bench/make_data.py
+        n = min(
+            seq_len, int(rng.lognormvariate(5.3, 0.6)) + 16
+        )  # median ~215 tokens, like bench/make_data.py
         ids = [rng.randrange(3, 49000) for _ in range(n)]
         prompt = n // 3
         out.append(TokenizedSample(ids, [IGNORE_INDEX] * prompt + ids[prompt:], RowRef("synthetic", i + 1)))
@@ -71,7 +73,9 @@ def main() -> None:
     print(f"{args.rows} packed rows of {args.seq_len}, {tokens} real tokens, forward+backward (LoRA r=16)")
     for name, values in times.items():
         med = statistics.median(values)
-        print(f"{name:24s} median {med:.2f} s  {tokens / med:7.0f} tok/s  x{base / med:.2f}  loss {losses[name]:.6f}")
+        print(
+            f"{name:24s} median {med:.2f} s  {tokens / med:7.0f} tok/s  x{base / med:.2f}  loss {losses[name]:.6f}"
+        )
 
 
 if __name__ == "__main__":

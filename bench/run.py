@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py --seq-len 1024 --steps 10 --repeats 3
     .venv/bin/python bench/run.py --quick          # a smoke run: minutes, numbers not meaningful
 
-Every tool trains the same model (the default SmolLM2-135M-Instruct) in fp32 on the same tokenized
+Every tool trains the same model (the default SmolLM2-135M-Instruct) on the same tokenized
 samples (the same labels: assistant tokens only), for one epoch, with the same optimizer (fused
 AdamW, lr, no weight decay, grad-norm clip 1.0), constant learning rate and seed. Each run is its own
 subprocess, so peak RSS is per tool; runs are interleaved (A, B, C, A, B, C, ...) because these
@@ -13,6 +13,12 @@ Work per optimizer step: the per-sample tool (Trainer) takes `--batch` samples p
 packing tools (tunesmith, TRL) take packed rows of `--seq-len` tokens, as many per step as makes
 their number of steps closest to the Trainer's. Every tool sees exactly the same samples once, so
 tokens/s compares the same work.
+
+Precision (--precision): `fp32` runs every tool in fp32; `bf16` runs every tool in bf16 mixed precision
+(autocast, fp32 trainable weights); `default` runs each tool with its own defaults on this machine:
+tunesmith `precision: auto` (bf16 on CPUs with AMX), the Trainer in fp32 (bf16=False), TRL with bf16 and
+gradient checkpointing (SFTConfig's defaults). MFU is taken against the matmul ceiling of the dtype the
+tunesmith run computes in.
 
 Results: a JSON file (--results), the markdown table on stdout, and the loss curves (--plot).
 """
@@ -64,6 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tools",
         default=None,
         help="comma list restricting tools (tunesmith, trainer, trl, tunesmith_nopack: the parity check, run once)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "default"],
+        default="fp32",
+        help="fp32 or bf16 for every tool alike, or each tool's own default",
     )
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -193,6 +205,16 @@ def run_worker(spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- summary
+
+
+def ceiling_dtype(precision: str) -> Any:
+    """The dtype tunesmith computes in under this setting: the matmul ceiling MFU is taken against."""
+    import torch
+
+    from tunesmith.training.precision import resolve_precision
+
+    resolved = resolve_precision("auto" if precision == "default" else precision, "cpu")
+    return torch.bfloat16 if resolved == "bf16" else torch.float32
 
 
 def median(values: list[float]) -> float | None:
@@ -444,9 +466,10 @@ def report_only(path: Path, plot_path: Path) -> dict[str, Any]:
 def print_footer(results: dict[str, Any], path: Path, plot_path: Path) -> None:
     peak = statistics.median(results["matmul_peak_flops"])
     m = results["machine"]
+    dtype = str(ceiling_dtype(results["args"].get("precision", "fp32"))).removeprefix("torch.")
     print(
         f"\n{results['command']}\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
-        f"fp32 matmul ceiling (2048^3, median of {len(results['matmul_peak_flops'])} interleaved measurements): "
+        f"{dtype} matmul ceiling (2048^3, median of {len(results['matmul_peak_flops'])} interleaved measurements): "
         f"{peak / 1e9:.1f} GFLOP/s"
     )
     print(results["tables"])
@@ -503,13 +526,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha,
+        "precision": args.precision,
     }
     base = run_worker({**base_spec, "tool": "base", "workload": "none"}, args.work_dir / "base")
     results["base_heldout_loss"] = base.get("heldout_loss")
     results["base_peak_rss"] = base.get("peak_rss")
 
     for repeat in range(args.repeats):
-        results["matmul_peak_flops"].append(flops.matmul_peak_flops())
+        results["matmul_peak_flops"].append(flops.matmul_peak_flops(dtype=ceiling_dtype(args.precision)))
         for workload, tool in plan:
             if tool in PARITY_TOOLS and repeat > 0:
                 continue  # its losses are deterministic; one run shows them
@@ -536,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # saved after every run: an interrupted benchmark can still be summarized with --report
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    results["matmul_peak_flops"].append(flops.matmul_peak_flops())
+    results["matmul_peak_flops"].append(flops.matmul_peak_flops(dtype=ceiling_dtype(args.precision)))
     results["summary"] = summarize(results)
     results["tables"] = markdown_tables(results)
     args.results.parent.mkdir(parents=True, exist_ok=True)

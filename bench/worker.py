@@ -187,7 +187,7 @@ def run_tunesmith(spec: dict[str, Any], packing: bool = True) -> dict[str, Any]:
             "max_grad_norm": 1.0,
             "seed": spec["seed"],
             "log_every": 1,
-            "precision": "fp32",
+            "precision": {"fp32": "fp32", "bf16": "bf16", "default": "auto"}[spec["precision"]],
             "save_total_limit": 1,
         },
         "output": {"dir": str(Path(spec["work_dir"]) / "run"), "overwrite": True},
@@ -218,12 +218,16 @@ def run_tunesmith(spec: dict[str, Any], packing: bool = True) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
+    import yaml
+
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     return {
         "steps": steps,
         "train_s": steps[-1]["elapsed_s"],
         "cpu_s": cpu_s,
         "peak_rss": rss,
         "model": model,
+        "resolved_train_config": resolved.get("train"),
     }
 
 
@@ -284,7 +288,7 @@ def train_cpu_s(rec: dict[str, Any]) -> float:
     return CLOCK.cpu_between(rec["t0"], rec["ends"][-1])
 
 
-def common_args(spec: dict[str, Any], batch_size: int) -> dict[str, Any]:
+def common_args(spec: dict[str, Any], batch_size: int, trl_defaults: bool = False) -> dict[str, Any]:
     return {
         "output_dir": str(Path(spec["work_dir"]) / "out"),
         "per_device_train_batch_size": batch_size,
@@ -300,7 +304,8 @@ def common_args(spec: dict[str, Any], batch_size: int) -> dict[str, Any]:
         "report_to": "none",
         "seed": spec["seed"],
         "use_cpu": True,
-        "bf16": False,
+        # Trainer: bf16=False is its default; SFTConfig defaults to bf16=True
+        "bf16": spec["precision"] == "bf16" or (spec["precision"] == "default" and trl_defaults),
         "fp16": False,
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
@@ -361,11 +366,12 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     # these with best-fit decreasing into rows of max_length and trains padding-free.
     dataset = Dataset.from_list([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
     args = SFTConfig(
-        **common_args(spec, spec["rows_per_step"]),
+        **common_args(spec, spec["rows_per_step"], trl_defaults=True),
         max_length=spec["seq_len"],
         packing=True,
         packing_strategy="bfd",
-        gradient_checkpointing=False,  # SFTConfig defaults to True; off here as for every other tool
+        # SFTConfig defaults to True; off, as for every other tool, unless its defaults are asked for
+        gradient_checkpointing=spec["precision"] == "default",
     )
     rec: dict[str, Any] = {}
     trainer = SFTTrainer(

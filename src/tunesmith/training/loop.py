@@ -84,7 +84,7 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from tunesmith.models.adapters import apply_adapter, count_parameters
+    from tunesmith.models.adapters import apply_adapter, compile_decoder_layers, count_parameters
     from tunesmith.models.attention import choose_attention
     from tunesmith.models.load import load_model_and_tokenizer
 
@@ -118,6 +118,8 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
     low_precision_base = precision == "bf16" and isinstance(cfg.adapter, LoraAdapter)
     if low_precision_base:  # only the adapter is saved, so the base may live in bf16
         store_frozen_linear_weights(model, torch.bfloat16)
+    if cfg.train.compile:
+        compile_decoder_layers(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -193,7 +195,7 @@ class Trainer:
         optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay)
         self.scheduler = build_scheduler(optimizer, t.scheduler, t.warmup_ratio, self.total_steps)
         self.wrapped, self.optimizer = accelerator.prepare(
-            CausalLMWithLoss(model, t.loss_chunk_size, compile_decoder=t.compile), optimizer
+            CausalLMWithLoss(model, t.loss_chunk_size), optimizer
         )
         self.reporter = ProgressReporter(
             self.total_steps, 0, enabled=show_progress and accelerator.is_main_process

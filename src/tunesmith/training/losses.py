@@ -84,13 +84,11 @@ class CausalLMWithLoss(nn.Module):
     synchronisation intact while the loss bypasses the model's full-logits head.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, compile_decoder: bool = False) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         decoder, head, softcap = causal_lm_parts(model)
-        if compile_decoder:  # optional: measured slower on 2-core CPUs, see docs/benchmarks.md
-            decoder = torch.compile(decoder, dynamic=True)
         # A tuple, not attributes: the parts are already registered under `self.model`.
         self._parts = (decoder, head, softcap)
 
