@@ -81,6 +81,29 @@ def test_packed_batch_matches_samples_run_one_by_one(arch, attention):
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow  # the first flex call compiles its kernel: about 25 s on 2 CPU cores
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_flex_attention_packed_forward_matches_samples_run_one_by_one(arch):
+    """Flex finds sample boundaries from position ids alone. Its backward pass runs only on GPUs, so on
+    CPU this checks the forward (the masks it builds); training with it on CPU is refused."""
+    model = _model(arch, attention="flex_attention")
+    wrapped = CausalLMWithLoss(model, chunk_size=16)
+    samples = _samples(6, seed=1)
+    with torch.no_grad():
+        total, count = torch.zeros(()), 0
+        for sample in samples:
+            loss_sum, n = wrapped(**collate_padded([sample], pad_id=2))
+            total, count = total + loss_sum, count + int(n)
+        rows = [
+            [samples[i] for i in unit]
+            for unit in pack_first_fit_decreasing([len(s.input_ids) for s in samples], 64)
+        ]
+        assert packed_mask_kind("flex_attention") == "none"
+        loss_sum, n = wrapped(**collate_packed(rows, pad_id=2, block_mask="none"))
+    assert int(n) == count
+    torch.testing.assert_close(loss_sum / n, total / count, rtol=1e-5, atol=1e-5)
+
+
 def test_first_fit_decreasing_fills_rows_and_keeps_every_sample():
     rng = random.Random(0)
     lengths = [min(1024, int(rng.lognormvariate(5.3, 0.7)) + 8) for _ in range(2000)]

@@ -41,6 +41,9 @@ def test_attention_choice_on_cpu_is_per_sample_sdpa_without_masks():
     assert choose_attention("sdpa", "cpu") == "sdpa"
     assert packed_mask_kind("sdpa") == "bool" and packed_mask_kind("eager") == "additive"
     assert packed_mask_kind("flash_attention_2") == packed_mask_kind(VARLEN_SDPA) == "none"
+    assert choose_attention("flex_attention", "cuda") == "flex_attention"
+    with pytest.raises(ValueError, match="flex_attention cannot train on a CPU.*use varlen_sdpa"):
+        choose_attention("flex_attention", "cpu")
     with pytest.raises(ValueError, match="flash-attn"):
         choose_attention("flash_attention_2", "cpu")
 

@@ -174,10 +174,11 @@ class TrainConfig(Section):
         description="torch.compile each decoder layer: faster steps after a one-off compile "
         "(about 40-80 s on a 2-core CPU); pays on runs of more than a few dozen steps",
     )
-    attention: Literal["auto", "varlen_sdpa", "sdpa", "eager", "flash_attention_2"] = Field(
+    attention: Literal["auto", "varlen_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         default="auto",
         description="auto: flash_attention_2 on a GPU where installed, else varlen_sdpa (per-sample causal SDPA); "
-        "sdpa/eager isolate packed samples with a block-diagonal mask",
+        "sdpa/eager isolate packed samples with a block-diagonal mask; flex_attention (GPU only: torch has "
+        "no flex backward on CPU) with a block-causal BlockMask built from the position ids",
     )
     loss_chunk_size: PositiveInt = Field(
         default=1024, description="labelled tokens per chunk of the LM head + CE"

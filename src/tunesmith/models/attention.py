@@ -7,7 +7,12 @@ import importlib.util
 from tunesmith.models.varlen_attention import NAME as VARLEN_SDPA
 
 # Kernels that find sample boundaries from position ids (no mask needed); config name -> transformers name.
-VARLEN_KERNELS = {"varlen_sdpa": VARLEN_SDPA, "flash_attention_2": "flash_attention_2"}
+# For flex attention, transformers reads the restarting position ids and builds a block-causal BlockMask.
+VARLEN_KERNELS = {
+    "varlen_sdpa": VARLEN_SDPA,
+    "flash_attention_2": "flash_attention_2",
+    "flex_attention": "flex_attention",
+}
 
 
 def choose_attention(requested: str, device_type: str) -> str:
@@ -20,6 +25,11 @@ def choose_attention(requested: str, device_type: str) -> str:
         return "flash_attention_2" if _has_flash_attn(device_type) else VARLEN_SDPA
     if requested == "flash_attention_2" and not _has_flash_attn(device_type):
         raise ValueError("train.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package")
+    if requested == "flex_attention" and device_type == "cpu":
+        raise ValueError(
+            "train.attention: flex_attention cannot train on a CPU (torch implements its backward pass "
+            "on GPUs only); use varlen_sdpa, the CPU default, which isolates packed samples the same way"
+        )
     return VARLEN_KERNELS.get(requested, requested)
 
 
