@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up step)")
     parser.add_argument("--workload", default="lora", choices=["lora", "full"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tunesmith-bench/profile"))
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "profile.json")
     parser.add_argument("--trace", type=Path, default=None, help="also write a chrome trace here")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             "lr": 2e-4,
             "warmup_ratio": 0.0,
             "scheduler": "constant",
-            "precision": "fp32",
+            "precision": args.precision,
             "seed": 0,
         },
         "output": {"dir": str(args.work_dir / "run"), "overwrite": True},

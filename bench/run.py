@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 steps, 1 repeat, seq 512, LoRA only, 4 eval rows")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/tunesmith-bench"))
     p.add_argument("--results", type=Path, default=BENCH / "results" / "latest.json")
-    p.add_argument("--plot", type=Path, default=REPO / "docs" / "bench-loss-curves.png")
+    p.add_argument("--plot", type=Path, default=REPO / "docs" / "bench-loss-curves-latest.png")
     p.add_argument("--report", type=Path, default=None, help="only re-summarize and re-plot a results JSON")
     args = p.parse_args(argv)
     if args.quick:
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.workloads = "lora"
         if args.results == BENCH / "results" / "latest.json":
             args.results = args.work_dir / "quick.json"
-        if args.plot == REPO / "docs" / "bench-loss-curves.png":
+        if args.plot == REPO / "docs" / "bench-loss-curves-latest.png":
             args.plot = args.work_dir / "quick-loss-curves.png"
     return args
 
