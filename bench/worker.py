@@ -312,6 +312,19 @@ def common_args(spec: dict[str, Any], batch_size: int, trl_defaults: bool = Fals
     }
 
 
+def hf_result(rec: dict[str, Any], recorder: StepRecorder, model: Any) -> dict[str, Any]:
+    """What a Trainer-based run reports, read right after `trainer.train()` (peak RSS included)."""
+    rss = peak_rss_bytes()
+    steps = steps_from_record(rec, recorder)
+    return {
+        "steps": steps,
+        "train_s": steps[-1]["elapsed_s"],
+        "cpu_s": train_cpu_s(rec),
+        "peak_rss": rss,
+        "model": model,
+    }
+
+
 def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -342,15 +355,7 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks=[make_callback(recorder, rec)],
     )
     trainer.train()
-    rss = peak_rss_bytes()
-    steps = steps_from_record(rec, recorder)
-    return {
-        "steps": steps,
-        "train_s": steps[-1]["elapsed_s"],
-        "cpu_s": train_cpu_s(rec),
-        "peak_rss": rss,
-        "model": model,
-    }
+    return hf_result(rec, recorder, model)
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
@@ -385,16 +390,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.data_collator = recorder
     trainer.add_callback(make_callback(recorder, rec))
     trainer.train()
-    rss = peak_rss_bytes()
-    steps = steps_from_record(rec, recorder)
-    return {
-        "steps": steps,
-        "train_s": steps[-1]["elapsed_s"],
-        "cpu_s": train_cpu_s(rec),
-        "peak_rss": rss,
-        "model": trainer.model,
-        "packed_rows": len(trainer.train_dataset),
-    }
+    return {**hf_result(rec, recorder, trainer.model), "packed_rows": len(trainer.train_dataset)}
 
 
 def run_base(spec: dict[str, Any]) -> dict[str, Any]:
