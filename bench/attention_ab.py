@@ -38,6 +38,13 @@ def _samples(count: int, seq_len: int, seed: int) -> list[TokenizedSample]:
     return out
 
 
+def packed_rows(count: int, seq_len: int, samples_per_row: int = 12) -> list[list[TokenizedSample]]:
+    """The first `count` rows that first-fit decreasing packs from seeded synthetic samples."""
+    samples = _samples(samples_per_row * count, seq_len, 0)
+    bins = pack_first_fit_decreasing([len(s.input_ids) for s in samples], seq_len)[:count]
+    return [[samples[i] for i in b] for b in bins]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=2)
@@ -45,9 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_flush_denormal(True)
-    samples = _samples(12 * args.rows, args.seq_len, 0)
-    bins = pack_first_fit_decreasing([len(s.input_ids) for s in samples], args.seq_len)[: args.rows]
-    rows = [[samples[i] for i in b] for b in bins]
+    rows = packed_rows(args.rows, args.seq_len)
     tokens = sum(len(s.input_ids) for r in rows for s in r)
     setups = {}
     for attention in ("sdpa", VARLEN):

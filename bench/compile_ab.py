@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from attention_ab import _samples
+from attention_ab import packed_rows
 from tunesmith.config.schema import LoraAdapter
-from tunesmith.data.packing import collate_packed, pack_first_fit_decreasing
+from tunesmith.data.packing import collate_packed
 from tunesmith.models.adapters import apply_adapter, compile_decoder_layers
 from tunesmith.models.attention import packed_mask_kind
 from tunesmith.models.default_model import default_model_dir
@@ -38,11 +38,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     register_varlen_sdpa()
-    samples = _samples(14 * args.rows * args.batches, args.seq_len, 0)
-    bins = pack_first_fit_decreasing([len(s.input_ids) for s in samples], args.seq_len)
+    every_row = packed_rows(args.rows * args.batches, args.seq_len, samples_per_row=14)
     batches = []
     for b in range(args.batches):
-        rows = [[samples[i] for i in bin_] for bin_ in bins[b * args.rows : (b + 1) * args.rows]]
+        rows = every_row[b * args.rows : (b + 1) * args.rows]
         tokens = sum(len(s.input_ids) for r in rows for s in r)
         batches.append((collate_packed(rows, pad_id=2, block_mask=packed_mask_kind(VARLEN)), tokens))
     bf16 = args.precision == "bf16"

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from attention_ab import _samples
+from attention_ab import packed_rows
 from tunesmith.config.schema import LoraAdapter
-from tunesmith.data.packing import collate_packed, pack_first_fit_decreasing
+from tunesmith.data.packing import collate_packed
 from tunesmith.models.adapters import apply_adapter
 from tunesmith.models.default_model import default_model_dir
 from tunesmith.models.load import load_model
@@ -31,9 +31,7 @@ from tunesmith.training.losses import CausalLMWithLoss
 def run_variant(variant: str, rows: int, seq_len: int, rounds: int) -> dict:
     torch.set_flush_denormal(True)
     register_varlen_sdpa()
-    samples = _samples(12 * rows, seq_len, 0)
-    bins = pack_first_fit_decreasing([len(s.input_ids) for s in samples], seq_len)[:rows]
-    packed = [[samples[i] for i in b] for b in bins]
+    packed = packed_rows(rows, seq_len)
     batch = collate_packed(packed, pad_id=2, block_mask="none")
     torch.manual_seed(0)
     model = apply_adapter(load_model(default_model_dir(), attention=VARLEN), LoraAdapter())
