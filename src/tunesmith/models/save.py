@@ -6,15 +6,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunesmith.training.durable import commit_dir
+
 
 def save_model_dir(model: Any, tokenizer: Any, out: Path) -> Path:
-    """save_pretrained (safetensors) + tokenizer into a staging folder, then one rename onto `out`."""
+    """save_pretrained (safetensors) + tokenizer into a staging folder, fsynced, then committed onto `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    commit_dir(staging, out)
     return out

@@ -1,12 +1,15 @@
-"""Atomic checkpoints and exact resume.
+"""Atomic, durable checkpoints and exact resume.
 
-A checkpoint is written into a hidden staging directory and becomes visible by one rename;
-`state.json` is written last inside it, so a directory without it is never trusted.
-Only trainable parameters are stored (the frozen base is reloaded from the model source).
+A checkpoint is written into a hidden staging directory, every file is fsynced, and it becomes
+visible by one rename; `state.json` is written last inside it, so a directory without it is never
+trusted. Only trainable parameters are stored (the frozen base is reloaded from the model source).
+Weights are checked to be finite before anything is committed, and a committed checkpoint is
+never removed before its successor is committed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,7 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunesmith.training.durable import commit_dir, free_bytes, human_bytes, write_text_atomic
+from tunesmith.training.errors import RunDirError
+
 STATE_FILE = "state.json"
+FINGERPRINT_FILE = "fingerprint.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -33,10 +40,39 @@ class TrainerState:
     data: dict[str, Any] = field(
         default_factory=dict
     )  # the batch stream's position, when it needs more than step
+    scaler: dict[str, Any] = field(default_factory=dict)  # fp16 loss scaling
+    overflow_steps: int = 0  # fp16 steps skipped because the gradients overflowed
+
+
+class NonFiniteWeights(ValueError):
+    """Trainable weights hold NaN or Inf: such a state must never become a checkpoint."""
+
+
+class CheckpointWriteError(RunDirError):
+    pass
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def non_finite_count(tensors: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+    """How many values are NaN/Inf, and the first few tensors holding them."""
+    total, names = 0, []
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            total += bad
+            names.append(name)
+    return total, names[:3]
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    bad, names = non_finite_count(tensors)
+    if bad:
+        raise NonFiniteWeights(f"{what} holds {bad:,} NaN/Inf values (in {', '.join(names)}, ...)")
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -54,48 +90,66 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for per_param in optimizer.state.values()
+        for v in per_param.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
 def save_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState, keep: int | None
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    keep: int | None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> Path:
+    """Write, fsync and commit the checkpoint for `state.step`; returns its directory.
+
+    Raises NonFiniteWeights (nothing written) when the weights are not finite, and
+    CheckpointWriteError (staging removed, with the space a checkpoint needs) when writing fails.
+    """
+    weights = trainable_state(model)
+    check_finite(weights, f"the model after step {state.step}")
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.step:08d}"
+    if (final / STATE_FILE).is_file():
+        return final  # this step is already committed; the state is the same, so is the content
     staging = folder / f".step-{state.step:08d}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_file(trainable_state(model), staging / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    save_file(_rng_state(), staging / "rng.safetensors")
-    _write_atomic(staging / STATE_FILE, json.dumps(asdict(state), indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _fsync_dir(folder)
+    try:
+        staging.mkdir()
+        save_file(weights, staging / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        save_file(_rng_state(), staging / "rng.safetensors")
+        if fingerprint is not None:
+            (staging / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1), encoding="utf-8")
+        write_text_atomic(staging / STATE_FILE, json.dumps(asdict(state), indent=1))
+        commit_dir(staging, final)
+    except Exception as exc:  # disk full surfaces as OSError, RuntimeError (torch) or SafetensorError
+        shutil.rmtree(staging, ignore_errors=True)
+        needed = sum(t.numel() * t.element_size() for t in weights.values()) + _optimizer_bytes(optimizer)
+        raise CheckpointWriteError(_write_failure(final, exc, needed, free_bytes(folder))) from exc
     if keep:
         for old in committed_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _write_failure(final: Path, exc: BaseException, needed: int, free: int | None) -> str:
+    disk_full = getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < needed)
+    if disk_full:
+        left = f"; {human_bytes(free)} free" if free is not None else ""
+        return (
+            f"no space left to write checkpoint {final}: a checkpoint of this run needs about "
+            f"{human_bytes(needed)}{left}. The partial checkpoint was removed; free some space (or lower "
+            "train.save_total_limit) and resume with --resume"
+        )
+    return f"could not write checkpoint {final}: {exc}. The partial checkpoint was removed"
 
 
 def committed_checkpoints(folder: Path) -> list[Path]:
@@ -110,32 +164,76 @@ def committed_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
+@dataclass
+class LoadedCheckpoint:
+    """Everything a checkpoint holds, read and validated before any of it touches the run."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    state: TrainerState
+    fingerprint: dict[str, Any] | None
+
+
+def read_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Read every file of a checkpoint; raises ValueError/OSError/RuntimeError when any is unusable."""
     weights = load_file(path / "trainable.safetensors")
+    check_finite(weights, f"checkpoint {path}")
+    optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    rng = load_file(path / "rng.safetensors")
+    state = TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    fingerprint_path = path / FINGERPRINT_FILE
+    fingerprint = (
+        json.loads(fingerprint_path.read_text(encoding="utf-8")) if fingerprint_path.is_file() else None
+    )
+    return LoadedCheckpoint(path, weights, optimizer, rng, state, fingerprint)
+
+
+def apply_checkpoint(loaded: LoadedCheckpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    unknown = [n for n in weights if n not in params]
+    missing = [n for n, p in params.items() if p.requires_grad and n not in loaded.weights]
+    unknown = [n for n in loaded.weights if n not in params]
     if missing or unknown:
         raise ValueError(
-            f"checkpoint {path} does not match this run's trainable parameters "
+            f"checkpoint {loaded.path} does not match this run's trainable parameters "
             f"(missing {missing[:3]}, unknown {unknown[:3]}); was the adapter config changed?"
         )
     with torch.no_grad():
-        for name, tensor in weights.items():
+        for name, tensor in loaded.weights.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    _set_rng_state(load_file(path / "rng.safetensors"))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    optimizer.load_state_dict(loaded.optimizer)
+    _set_rng_state(loaded.rng)
 
 
-def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """`never` -> None; `auto` -> the latest committed checkpoint (or None); else an explicit path."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
+    loaded = read_checkpoint(path)
+    apply_checkpoint(loaded, model, optimizer)
+    return loaded.state
+
+
+def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
+    """Checkpoints to try, newest first: `never` -> none; `auto` -> every committed one; else the path."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        found = committed_checkpoints(run_dir / "checkpoints")
-        return found[-1] if found else None
+        return committed_checkpoints(run_dir / "checkpoints")[::-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
-    return path
+    return [path]
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The newest candidate (what resume tries first), or None."""
+    found = resume_candidates(run_dir, resume)
+    return found[0] if found else None
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename an unusable checkpoint so that no later resume picks it (kept for inspection)."""
+    target = path.with_name(f"{path.name}.{reason}")
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    return target

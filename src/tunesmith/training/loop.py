@@ -20,11 +20,17 @@ from tunesmith.data.streaming import StreamingRows
 from tunesmith.models.attention import packed_mask_kind
 from tunesmith.training.batching import BatchStream, MicroBatch, StreamingBatchStream
 from tunesmith.training.checkpoint import (
+    NonFiniteWeights,
     TrainerState,
-    find_resume_checkpoint,
-    load_checkpoint,
+    apply_checkpoint,
+    committed_checkpoints,
+    read_checkpoint,
+    resume_candidates,
     save_checkpoint,
+    set_aside,
 )
+from tunesmith.training.durable import write_text_atomic
+from tunesmith.training.errors import RunDirError, TrainingDiverged
 from tunesmith.training.losses import CausalLMWithLoss
 from tunesmith.training.methods import get_method
 from tunesmith.training.metrics import MetricsLog, plot_curves
@@ -37,13 +43,31 @@ from tunesmith.training.precision import (
     store_frozen_linear_weights,
 )
 from tunesmith.training.progress import ProgressReporter
-from tunesmith.training.run_dir import prepare_run_dir, save_final
+from tunesmith.training.resume_policy import (
+    check_data,
+    compare_configs,
+    files_fingerprint,
+    samples_fingerprint,
+)
+from tunesmith.training.run_dir import RunLock, create_run_dir, prepare_run_dir, save_final
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "train"]
+
+FP16_MAX_CONSECUTIVE_OVERFLOWS = 24
+"""fp16: the loss scale halves at each overflow; 24 in a row take it from 2**16 to 2**-8, where an
+overflow is no longer a scaling problem but real infinities."""
+
+ZERO_GRAD_PATIENCE = 3
+"""Steps in a row with a gradient norm of exactly 0 (and tokens to train on) that mean a dead model."""
+
+
+def resume_command(run_dir: Path) -> str:
+    import shlex
+
+    return f"tunesmith train {shlex.quote(str(run_dir / 'config.yaml'))} --resume"
 
 
 class StopRequested:
@@ -81,6 +105,28 @@ class TrainResult:
 
 def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | None = None) -> TrainResult:
     """Run a whole training job. `stop_after_step` acts like a Ctrl-C after that step (for tests)."""
+    run_dir = Path(cfg.output.dir)
+    create_run_dir(run_dir)
+    lock = RunLock(run_dir) if _is_launch_rank_zero() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train_locked(cfg, run_dir, show_progress, stop_after_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _is_launch_rank_zero() -> bool:
+    """Rank 0 of a torchrun/accelerate launch (or a single process): the one that owns the run directory."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _train_locked(
+    cfg: RunConfig, run_dir: Path, show_progress: bool, stop_after_step: int | None
+) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -88,14 +134,25 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
     from tunesmith.models.attention import choose_attention
     from tunesmith.models.load import load_model_and_tokenizer
 
-    run_dir = Path(cfg.output.dir)
-    resume_from = find_resume_checkpoint(run_dir, cfg.train.resume)
-    prepare_run_dir(run_dir, resuming=resume_from is not None, overwrite=cfg.output.overwrite)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    candidates = resume_candidates(run_dir, cfg.train.resume)
+    prepare_run_dir(
+        run_dir,
+        resuming=bool(candidates),
+        overwrite=cfg.output.overwrite,
+        resume_requested=cfg.train.resume == "auto",
+    )
+    no_checkpoint_note = (
+        f"resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0"
+        if cfg.train.resume == "auto" and not candidates
+        else None
+    )
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(cfg.train.precision, device_type)
-    mixed_precision = accelerate_mixed_precision(precision)
+    # fp16 needs loss scaling, which the loop does itself (GradScaler works on CPU and GPU alike;
+    # accelerate has none on CPU), so accelerate runs it as full precision.
+    mixed_precision = "no" if precision == "fp16" else accelerate_mixed_precision(precision)
     allow_new_mixed_precision(mixed_precision)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device_type == "cpu")
     if accelerator.device.type == "cpu":
@@ -114,6 +171,10 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
         data = BuiltData([], eval_samples, report)
     else:
         data = method.build_data(cfg.data, tokenizer)
+    fingerprint = {
+        "config": cfg.model_dump(mode="json"),
+        "data": files_fingerprint(cfg) if cfg.data.streaming else samples_fingerprint(data.train),
+    }
     model = apply_adapter(model, cfg.adapter)
     low_precision_base = precision == "bf16" and isinstance(cfg.adapter, LoraAdapter)
     if low_precision_base:  # only the adapter is saved, so the base may live in bf16
@@ -127,22 +188,38 @@ def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | Non
     trainable, total = count_parameters(model)
 
     trainer = Trainer(
-        cfg, accelerator, model, tokenizer, method, data, run_dir, show_progress, attention, rows
+        cfg,
+        accelerator,
+        model,
+        tokenizer,
+        method,
+        data,
+        run_dir,
+        show_progress,
+        attention,
+        rows,
+        precision=precision,
+        fingerprint=fingerprint,
     )
+    if no_checkpoint_note:
+        trainer.reporter_message(no_checkpoint_note)
     trainer.reporter_message(
         f"model {cfg.model} ({model_dir}); training {trainable:,} of {total:,} parameters "
         f"({cfg.adapter.type}); precision {precision}"
         f"{' (frozen weights in bf16)' if low_precision_base else ''}; data: {data.report.summary()}"
     )
     try:
-        result = trainer.run(resume_from, stop_after_step)
+        result = trainer.run(candidates, stop_after_step)
     finally:
         trainer.close()
     result.model = accelerator.unwrap_model(trainer.wrapped).model
     if low_precision_base:
         restore_fp32(result.model)
     if not result.interrupted and accelerator.is_main_process:
-        save_final(run_dir, result.model, tokenizer, cfg, model_dir)
+        try:
+            save_final(run_dir, result.model, tokenizer, cfg, model_dir)
+        except NonFiniteWeights as exc:
+            raise TrainingDiverged(f"{exc}; the final model was not saved. Try a lower train.lr") from None
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return result
 
@@ -160,9 +237,16 @@ class Trainer:
         show_progress: bool,
         attention: str = "sdpa",
         stream_rows: StreamingRows | None = None,
+        precision: str = "fp32",
+        fingerprint: dict[str, Any] | None = None,
     ) -> None:
         t = cfg.train
         self.cfg, self.accelerator, self.method, self.run_dir = cfg, accelerator, method, run_dir
+        self.fingerprint = fingerprint
+        self.scaler = torch.amp.GradScaler(accelerator.device.type) if precision == "fp16" else None
+        self.consecutive_overflows = 0
+        self.zero_grad_steps = 0
+        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
         pad_id, seq_len, packing = tokenizer.pad_token_id, cfg.data.seq_len, cfg.data.packing
         block_mask = packed_mask_kind(attention)
         self.stream: BatchStream | StreamingBatchStream = (
@@ -187,11 +271,8 @@ class Trainer:
             else None
         )
         data.report.packing_fill = self.stream.fill
-        if t.max_steps:
-            self.total_steps = t.max_steps
-        else:  # only the in-memory stream has a length (streaming requires max_steps)
-            per_process = len(self.stream) / accelerator.num_processes
-            self.total_steps = max(1, math.ceil(t.epochs * per_process / t.grad_accum))
+        self.total_micro = self._total_micro_batches()
+        self.total_steps = t.max_steps or self._steps_until(self.total_micro)
         optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay)
         self.scheduler = build_scheduler(optimizer, t.scheduler, t.warmup_ratio, self.total_steps)
         self.wrapped, self.optimizer = accelerator.prepare(
@@ -201,6 +282,41 @@ class Trainer:
             self.total_steps, 0, enabled=show_progress and accelerator.is_main_process
         )
         self.state = TrainerState(0, 0, 0, 0, {})
+        self.last_saved_step: int | None = None
+
+    # -- which micro-batches each step takes: an epoch ends where its data ends --------------------
+
+    def _epoch_end(self, local_index: int) -> int | None:
+        """The first local micro-batch index after the epoch that `local_index` falls in (None: no epochs)."""
+        per_epoch, world = self.stream.per_epoch, self.accelerator.num_processes
+        if per_epoch is None:
+            return None
+        epoch = local_index * world // per_epoch
+        return -(-(epoch + 1) * per_epoch // world)
+
+    def _total_micro_batches(self) -> int | None:
+        t = self.cfg.train
+        if t.max_steps or self.stream.per_epoch is None:
+            return None
+        return max(1, math.ceil(t.epochs * self.stream.per_epoch / self.accelerator.num_processes))
+
+    def _micro_count(self, start: int) -> int:
+        """Micro-batches step by step from `start`: grad_accum, fewer where an epoch or the run ends."""
+        count = self.cfg.train.grad_accum
+        end = self._epoch_end(start)
+        if end is not None:
+            count = min(count, end - start)
+        if self.total_micro is not None:
+            count = min(count, self.total_micro - start)
+        return max(count, 1)
+
+    def _steps_until(self, total_micro: int | None) -> int:
+        assert total_micro is not None
+        steps, done = 0, 0
+        while done < total_micro:
+            done += self._micro_count(done)
+            steps += 1
+        return steps
 
     def reporter_message(self, text: str) -> None:
         self.reporter.message(text)
@@ -208,17 +324,73 @@ class Trainer:
     def close(self) -> None:
         self.reporter.close()
 
-    def _restore(self, checkpoint: Path) -> None:
+    def _restore(self, candidates: list[Path]) -> None:
+        """Resume from the newest checkpoint that loads; unreadable newer ones are set aside, and said so."""
         model = self.accelerator.unwrap_model(self.wrapped).model
-        self.state = load_checkpoint(checkpoint, model, self.optimizer)
-        self.scheduler.load_state_dict(self.state.scheduler)
-        self.stream.load_state_dict(self.state.data)
-        self.reporter.message(f"resumed from {checkpoint} at step {self.state.step}")
+        failures: list[str] = []
+        for checkpoint in candidates:
+            try:
+                loaded = read_checkpoint(checkpoint)
+            except Exception as exc:  # truncated or corrupt files: any reader error means "unusable"
+                failures.append(f"{checkpoint.name} ({type(exc).__name__}: {str(exc)[:200]})")
+                if self.accelerator.is_main_process and checkpoint.parent.name == "checkpoints":
+                    moved = set_aside(checkpoint, "unreadable")
+                    self.reporter.message(
+                        f"resume: checkpoint {checkpoint} cannot be loaded ({str(exc)[:200]}); moved to "
+                        f"{moved.name}, trying the previous one"
+                    )
+                continue
+            self._check_resume_compatible(loaded.fingerprint)
+            apply_checkpoint(loaded, model, self.optimizer)
+            self.state = loaded.state
+            self._resume_schedule(self.state.scheduler)
+            if self.scaler is not None and self.state.scaler:
+                self.scaler.load_state_dict(self.state.scaler)
+            self.stream.load_state_dict(self.state.data)
+            self.last_saved_step = self.state.step
+            self.reporter.message(f"resumed from {checkpoint} at step {self.state.step}")
+            return
+        raise RunDirError(
+            f"no checkpoint of {self.run_dir} could be loaded: {'; '.join(failures)}. Start again with "
+            "output.overwrite=true"
+        )
 
-    def run(self, resume_from: Path | None, stop_after_step: int | None = None) -> TrainResult:
-        if resume_from is not None:
-            self._restore(resume_from)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state.step if resume_from else None)
+    def _check_resume_compatible(self, saved: dict[str, Any] | None) -> None:
+        if saved is None or self.fingerprint is None:
+            self.reporter.message(
+                "resume: this checkpoint has no fingerprint; the config could not be compared"
+            )
+            return
+        changes = compare_configs(saved["config"], self.cfg)
+        check_data(saved, self.fingerprint["data"])
+        if changes.applied:
+            self.reporter.message(f"resume: applying changed settings: {changes.describe()}")
+
+    def _resume_schedule(self, saved: dict[str, Any]) -> None:
+        """Continue the schedule at the saved step, with this config's lr, warmup and horizon.
+
+        The scheduler built from the current config is kept; only its position comes from the
+        checkpoint. With an unchanged config this reproduces the saved rates exactly.
+        """
+        scheduler = self.scheduler
+        scheduler.last_epoch = saved["last_epoch"]
+        scheduler._step_count = saved.get("_step_count", saved["last_epoch"] + 1)
+        lr = self.cfg.train.lr
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+        rates = []
+        for group, multiplier in zip(self.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = lr
+            group["lr"] = lr * multiplier(scheduler.last_epoch)
+            rates.append(group["lr"])
+        scheduler._last_lr = rates
+
+    def run(self, candidates: list[Path] | Path | None, stop_after_step: int | None = None) -> TrainResult:
+        if isinstance(candidates, Path):
+            candidates = [candidates]
+        resumed = bool(candidates)
+        if candidates:
+            self._restore(candidates)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state.step if resumed else None)
         t = self.cfg.train
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         losses: list[float] = []
@@ -249,31 +421,48 @@ class Trainer:
                     path = self._save()
                     self.reporter.message(
                         f"stopped at step {self.state.step}; checkpoint {path}; "
-                        "continue with train.resume=auto"
+                        f"continue with: {resume_command(self.run_dir)}"
                     )
                     interrupted = True
                     break
         return TrainResult(self.run_dir, self.state.step, interrupted, losses[-1] if losses else None, losses)
 
     def _epoch_ended(self) -> bool:
-        if self.cfg.train.eval_every:
+        if self.cfg.train.eval_every or self.stream.per_epoch is None:
             return False
-        if self.stream.per_epoch is None:
-            return False
-        per_epoch = len(self.stream) / self.accelerator.num_processes
         done = self.state.micro_batches_done
-        return done // per_epoch != (done - self.cfg.train.grad_accum) // per_epoch
+        return self._epoch_end(done - 1) == done
 
     def _save(self) -> Path | None:
+        """Commit a checkpoint for the current step (once per step: a second call returns the first)."""
+        folder = self.run_dir / "checkpoints"
+        if self.last_saved_step == self.state.step:
+            return folder / f"step-{self.state.step:08d}"
         self.state.scheduler = self.scheduler.state_dict()
         self.state.data = self.stream.state_dict()
+        self.state.scaler = self.scaler.state_dict() if self.scaler is not None else {}
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
+            self.last_saved_step = self.state.step
             return None
         model = self.accelerator.unwrap_model(self.wrapped).model
-        return save_checkpoint(
-            self.run_dir / "checkpoints", model, self.optimizer, self.state, self.cfg.train.save_total_limit
-        )
+        try:
+            path = save_checkpoint(
+                folder, model, self.optimizer, self.state, self.cfg.train.save_total_limit, self.fingerprint
+            )
+        except NonFiniteWeights as exc:
+            raise TrainingDiverged(
+                f"step {self.state.step}: {exc}; no checkpoint was written for it. {self._last_good_hint()}"
+            ) from None
+        self.last_saved_step = self.state.step
+        return path
+
+    def _last_good_hint(self) -> str:
+        found = committed_checkpoints(self.run_dir / "checkpoints")
+        lower = f"{resume_command(self.run_dir)} train.lr=<lower>"
+        if found:
+            return f"The last good checkpoint is {found[-1].name}: continue from it with a lower lr: {lower}"
+        return "No checkpoint was written before it; start again with a lower train.lr"
 
     def _global_sum(self, value: int) -> int:
         if self.accelerator.num_processes == 1:
@@ -285,21 +474,36 @@ class Trainer:
         t = self.cfg.train
         first = self.state.micro_batches_done
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        micro = [self.stream.micro_batch((first + i) * world + rank) for i in range(t.grad_accum)]
+        count = self._micro_count(first)
+        micro = [self.stream.micro_batch((first + i) * world + rank) for i in range(count)]
         step_tokens = self._global_sum(sum(mb.trained_tokens for mb in micro))
         scale = self.accelerator.num_processes / max(step_tokens, 1)
         loss_total = 0.0
         for i, mb in enumerate(micro):
             loss_total += self._backward(mb, scale, sync=i == len(micro) - 1)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer.optimizer)  # norms and clipping see the true gradients
         grad_norm = self._clip(t.max_grad_norm)
-        if not math.isfinite(grad_norm):
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        skipped = False
+        if not math.isfinite(grad_norm) and self.scaler is not None:
+            skipped = self._fp16_overflow(grad_norm)
+        elif not math.isfinite(grad_norm):
             raise TrainingDiverged(
                 f"step {self.state.step + 1}: gradient norm is {grad_norm}; no checkpoint was written for it. "
-                f"Batch rows: {', '.join(s for mb in micro for s in mb.sources[:8])}. Try a lower train.lr."
+                f"Batch rows: {', '.join(s for mb in micro for s in mb.sources[:8])}. "
+                f"{self._last_good_hint()}"
             )
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-        self.optimizer.step()
-        self.scheduler.step()
+        else:
+            self.consecutive_overflows = 0
+            self._check_not_collapsed(grad_norm, loss_total / self.accelerator.num_processes, step_tokens)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer.optimizer)  # skips the update when gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if not skipped:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.micro_batches_done += len(micro)
@@ -312,10 +516,70 @@ class Trainer:
             else round(self.state.micro_batches_done * world / len(self.stream), 4),
             "loss": loss_total / self.accelerator.num_processes,
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "tokens": self.state.tokens_seen,
             "trained_tokens": self.state.trained_tokens_seen,
+            **({"skipped": True} if skipped else {}),
+            **(
+                {"loss_scale": self.scaler.get_scale(), "overflow_steps": self.state.overflow_steps}
+                if self.scaler is not None
+                else {}
+            ),
         }
+
+    def _fp16_overflow(self, grad_norm: float) -> bool:
+        """An fp16 overflow: the scaler skips this update and halves its scale; many in a row stop the run."""
+        self.consecutive_overflows += 1
+        self.state.overflow_steps += 1
+        if self.consecutive_overflows >= FP16_MAX_CONSECUTIVE_OVERFLOWS:
+            raise TrainingDiverged(
+                f"step {self.state.step + 1}: fp16 gradients overflowed {self.consecutive_overflows} steps in a "
+                f"row (loss scale now {self.scaler.get_scale() if self.scaler else 0:g}); the gradients are "
+                f"not finite at any scale. Use train.precision=bf16 or fp32, or a lower train.lr. "
+                f"{self._last_good_hint()}"
+            )
+        self.reporter.message(
+            f"step {self.state.step + 1}: fp16 gradient overflow (norm {grad_norm}); update skipped, "
+            "loss scale lowered"
+        )
+        return True
+
+    def _check_not_collapsed(self, grad_norm: float, loss: float, step_tokens: int) -> None:
+        """A gradient norm of exactly 0 with tokens to train means the model is dead, not converged."""
+        if grad_norm != 0.0 or step_tokens == 0:
+            self.zero_grad_steps = 0
+            return
+        self.zero_grad_steps += 1
+        uniform = self.vocab_size > 1 and abs(loss - math.log(self.vocab_size)) < 1e-3
+        if not uniform and self.zero_grad_steps < ZERO_GRAD_PATIENCE:
+            return
+        how = (
+            f"the loss sits at {loss:.4f} = ln(vocab size {self.vocab_size}), a uniform prediction, and "
+            if uniform
+            else ""
+        )
+        set_aside_note = self._set_aside_dead_checkpoints(self.state.step - self.zero_grad_steps + 1)
+        raise TrainingDiverged(
+            f"step {self.state.step + 1}: training collapsed: {how}the gradient norm is exactly 0 "
+            f"({self.zero_grad_steps} step(s) in a row), so the weights can no longer learn (most often from a "
+            f"learning rate far too high, now train.lr={self.cfg.train.lr:g}). Nothing was saved for this "
+            f"step{set_aside_note}. {self._last_good_hint()}"
+        )
+
+    def _set_aside_dead_checkpoints(self, first_dead_step: int) -> str:
+        """Checkpoints of collapsed weights are renamed (kept, never resumed from); returns a note."""
+        if not self.accelerator.is_main_process:
+            return ""
+        dead = [
+            p
+            for p in committed_checkpoints(self.run_dir / "checkpoints")
+            if int(p.name.split("-")[1]) >= first_dead_step
+        ]
+        for path in dead:
+            set_aside(path, "collapsed")
+        if not dead:
+            return ""
+        return f"; checkpoints holding the collapsed weights were renamed *.collapsed ({len(dead)})"
 
     def _backward(self, mb: MicroBatch, scale: float, sync: bool) -> float:
         batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
@@ -325,16 +589,21 @@ class Trainer:
             if self.cfg.train.activation_offload and self.accelerator.device.type == "cuda"
             else contextlib.nullcontext()
         )
-        with sync_context, offload, self.accelerator.autocast():
+        with sync_context, offload, self._autocast():
             out = self.method.compute_loss(self.wrapped, batch)
             loss = out.loss_sum * scale
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"step {self.state.step + 1}: loss is {loss.item()}; no checkpoint was written for it. "
-                f"Batch rows: {', '.join(mb.sources[:8])}. Try a lower train.lr or check these rows."
+                f"Batch rows: {', '.join(mb.sources[:8])}. Check these rows, or: {self._last_good_hint()}"
             )
-        self.accelerator.backward(loss)
+        self.accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
         return float(loss.detach())
+
+    def _autocast(self) -> Any:
+        if self.scaler is not None:
+            return torch.autocast(self.accelerator.device.type, dtype=torch.float16)
+        return self.accelerator.autocast()
 
     def _clip(self, max_norm: float | None) -> float:
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
@@ -351,7 +620,7 @@ class Trainer:
         for index in range(len(self.eval_stream)):
             mb = self.eval_stream.micro_batch(index)
             batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
-            with self.accelerator.autocast():
+            with self._autocast():
                 out = self.method.compute_loss(self.wrapped, batch)
             total += float(out.loss_sum)
             count += int(out.count)

@@ -1,42 +1,177 @@
-"""The run directory: created safely, and filled with the final adapter or model at the end."""
+"""The run directory: created safely, owned by one run at a time, and committed at the end.
+
+The final adapter or model is written like a checkpoint (staged, fsynced, renamed), and
+`run.json` is the commit marker written last: readers trust `adapter/` or `model/` only when
+`run.json` names it, so a crash during the final save leaves an unfinished run, never a
+half-replaced model that looks finished.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 from tunesmith.config.schema import LoraAdapter, RunConfig
 from tunesmith.models.save import save_model_dir
+from tunesmith.training.durable import fsync_dir, write_text_atomic
+from tunesmith.training.errors import RunDirError
 
 RUN_INFO = "run.json"
+LOCK_FILE = ".tunesmith.lock"
+_RUN_FILES = ("checkpoints", "adapter", "model", "metrics.jsonl", "curves.png", RUN_INFO)
 
 
-class RunDirError(RuntimeError):
-    pass
+def create_run_dir(run_dir: Path) -> None:
+    """mkdir -p with the two failures users hit turned into messages that say what to do."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), run_dir)
+        raise RunDirError(
+            f"output.dir {run_dir} cannot be created: {blocker} is a file, not a directory; "
+            "choose another output.dir"
+        ) from None
+    except OSError as exc:
+        reason = {
+            errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+            errno.ENOSPC: "no space left on the device",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise RunDirError(
+            f"output.dir {run_dir} is not writable: {reason}; choose a writable output.dir"
+        ) from None
 
 
-def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory unless asked to resume or overwrite."""
-    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
-    if holds_run and not resuming:
-        if not overwrite:
-            raise RunDirError(
-                f"output.dir {run_dir} already holds a run; continue it with train.resume=auto, replace it "
-                "with output.overwrite=true, or choose another output.dir"
-            )
-        for name in ("checkpoints", "adapter", "model", "metrics.jsonl", "curves.png", RUN_INFO):
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+class RunLock:
+    """One run per directory: an exclusive lock held for the whole run.
+
+    The lock file records the owner's pid and host. On POSIX the lock itself is an `flock`, which
+    the kernel drops when the owner dies (even by kill -9), so a stale lock file never blocks a new
+    run; elsewhere a lock whose pid is no longer alive on this host counts as stale.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self._handle: Any = None
+
+    def acquire(self) -> RunLock:
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+        try:
+            import fcntl
+        except ImportError:  # no flock: fall back to the recorded pid
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise RunDirError(self._busy_message()) from None
+        elif self._owner_alive():
+            handle.close()
+            raise RunDirError(self._busy_message())
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def _owner(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _owner_alive(self) -> bool:
+        owner = self._owner()
+        if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+            return False
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def _busy_message(self) -> str:
+        owner = self._owner()
+        who = f" (pid {owner['pid']} on {owner.get('host', '?')})" if "pid" in owner else ""
+        return (
+            f"output.dir {self.path.parent} is in use by another tunesmith run{who}; wait for it to finish, "
+            "stop it, or choose another output.dir"
+        )
+
+    def release(self) -> None:
+        if self._handle is None:
+            return
+        try:
+            self._handle.seek(0)
+            self._handle.truncate()
+        finally:
+            self._handle.close()  # closing drops the flock
+            self._handle = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in ("metrics.jsonl", "checkpoints", RUN_INFO))
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a previous run's files (never anything else the directory holds)."""
+    for name in _RUN_FILES:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_requested: bool = False) -> None:
+    """Refuse to mix two runs in one directory unless asked to resume or overwrite.
+
+    `resume_requested` without a checkpoint to resume from (a run that stopped before its first
+    save) starts the run again from step 0 in the same directory: that is what the user asked for.
+    """
+    create_run_dir(run_dir)
+    if not holds_run(run_dir) or resuming:
+        return
+    if not (overwrite or resume_requested):
+        raise RunDirError(
+            f"output.dir {run_dir} already holds a run; continue it with --resume (train.resume=auto), "
+            "replace it with output.overwrite=true, or choose another output.dir"
+        )
+    clear_run(run_dir)
 
 
 def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: RunConfig, base_model_dir: Path) -> Path:
-    """LoRA -> `adapter/` (standard PEFT files); full/freeze -> `model/` (safetensors); tokenizer beside it."""
+    """LoRA -> `adapter/` (standard PEFT files); full/freeze -> `model/` (safetensors); tokenizer beside it.
+
+    run.json goes first (so a crash mid-save never leaves an old marker vouching for new files) and
+    comes back last, after the model directory is committed.
+    """
+    from tunesmith.training.checkpoint import check_finite, trainable_state
+
+    check_finite(trainable_state(model), "the trained model")
+    marker = run_dir / RUN_INFO
+    if marker.exists():
+        marker.unlink()
+        fsync_dir(run_dir)
     is_lora = isinstance(cfg.adapter, LoraAdapter)
     out = save_model_dir(model, tokenizer, run_dir / ("adapter" if is_lora else "model"))
     info = {
@@ -45,13 +180,20 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: RunConfig, base_m
         "kind": out.name,
         "method": cfg.method,
     }
-    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    write_text_atomic(marker, json.dumps(info, indent=1))
     return out
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RUN_INFO
     if not path.is_file():
+        if not run_dir.exists():
+            raise RunDirError(f"{run_dir} does not exist")
+        if holds_run(run_dir) or (run_dir / "config.yaml").is_file():
+            raise RunDirError(
+                f"{run_dir}: this run has not finished (no {RUN_INFO}); resume it with "
+                f"`tunesmith train {run_dir / 'config.yaml'} --resume`, or export one of its checkpoints"
+            )
         raise RunDirError(
             f"{run_dir} is not a finished tunesmith run (no {RUN_INFO}); did training complete?"
         )
