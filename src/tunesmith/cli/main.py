@@ -6,8 +6,12 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from tunesmith import __version__
+
+if TYPE_CHECKING:
+    from tunesmith.config.schema import RunConfig
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    from tunesmith.cli.quiet import quiet_libraries
+
+    quiet_libraries(args.verbose)
     handler = {"train": _train, "chat": _chat, "export": _export, "config-schema": _schema, "data": _data}[
         args.command
     ]
@@ -75,6 +82,7 @@ def _is_user_error(exc: Exception) -> bool:
     from tunesmith.config.load import ConfigError
     from tunesmith.data.errors import DataError
     from tunesmith.models.default_model import DefaultModelMissing
+    from tunesmith.models.gguf_cache import InvalidGGUF
     from tunesmith.models.load import ModelNotFound
     from tunesmith.training.loop import TrainingDiverged
     from tunesmith.training.run_dir import RunDirError
@@ -85,6 +93,7 @@ def _is_user_error(exc: Exception) -> bool:
         | DataError
         | ModelNotFound
         | DefaultModelMissing
+        | InvalidGGUF
         | RunDirError
         | TrainingDiverged
         | FileNotFoundError,
@@ -93,16 +102,32 @@ def _is_user_error(exc: Exception) -> bool:
 
 def _train(args: argparse.Namespace) -> int:
     from tunesmith.config.load import load_config
-    from tunesmith.training.loop import train
+    from tunesmith.training.loop import resume_command, train
 
     overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
     cfg = load_config(args.config, overrides)
+    _check_attention(cfg)
     result = train(cfg)
     if result.interrupted:
-        print(f"stopped at step {result.steps}; resume with: tunesmith train {args.config} --resume")
+        # The run's own config.yaml holds every override; the user's YAML alone would resume another run.
+        print(f"stopped at step {result.steps}; resume with: {resume_command(result.run_dir)}")
         return 130
     print(f"done: {result.steps} steps; run directory {result.run_dir}")
     return 0
+
+
+def _check_attention(cfg: RunConfig) -> None:
+    """Refuse an attention kernel this machine cannot train with before the run directory is touched."""
+    import torch
+
+    from tunesmith.config.load import ConfigError
+    from tunesmith.models.attention import choose_attention
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        choose_attention(cfg.train.attention, device_type)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -121,8 +146,12 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tunesmith.export.merge import export_run
+    from tunesmith.training.run_dir import read_run_info
 
-    out = export_run(Path(args.run_dir), Path(args.out), merge=args.merge)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        read_run_info(run_dir)  # says the run does not exist (or is not a run) instead of looking for a model
+    out = export_run(run_dir, Path(args.out), merge=args.merge)
     print(f"exported to {out}")
     return 0
 

@@ -33,9 +33,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys in a nested dict, creating sections as needed; list items by index (`data.train.0.path`)."""
-    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
-    for key, value in items:
-        parts = key.split(".") if isinstance(key, str) else key
+    raw = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    items = [(key.split(".") if isinstance(key, str) else key, value) for key, value in raw]
+    _drop_switched_sections(data, items)
+    for parts, value in items:
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             where = ".".join(parts[: i + 1])
@@ -53,6 +54,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
         else:
             node[last] = value
     return data
+
+
+def _drop_switched_sections(data: dict[str, Any], items: list[tuple[list[str], Any]]) -> None:
+    """`adapter.type=full` on a LoRA section starts that section afresh: the old type's keys (r,
+    dropout, ...) were never typed by the user, so they must not turn into errors about them. Keys set
+    in the same override list are applied afterwards and still validated."""
+    for parts, value in items:
+        if len(parts) < 2 or parts[-1] != "type":
+            continue
+        section = _find_section(data, parts[:-1])
+        if isinstance(section, dict) and _section_type(section, parts[:-1]) not in (None, value):
+            section.clear()
+
+
+def _find_section(data: dict[str, Any], parts: list[str]) -> Any:
+    """The existing node at `parts`, or None where the path does not exist yet."""
+    node: Any = data
+    for part in parts:
+        if isinstance(node, list):
+            node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
+            return None
+    return node
+
+
+def _section_type(section: dict[str, Any], parts: list[str]) -> Any:
+    """The section's type as written, else the type the schema gives a section without one."""
+    if "type" in section:
+        return section["type"]
+    field = RunConfig.model_fields.get(parts[0]) if len(parts) == 1 else None
+    default = field.get_default(call_default_factory=True) if field is not None else None
+    return getattr(default, "type", None)
 
 
 def _list_index(node: list[Any], part: str, where: str) -> int:

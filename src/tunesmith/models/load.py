@@ -14,6 +14,9 @@ from tunesmith.models.gguf_cache import ensure_converted
 log = logging.getLogger(__name__)
 
 
+SOURCES_HINT = "set model: to 'default', a Hugging Face model directory or a .gguf file"
+
+
 class ModelNotFound(FileNotFoundError):
     pass
 
@@ -33,19 +36,32 @@ def resolve_model_dir(spec: str) -> Path:
                 f"model: {path} is a directory but has no config.json (not a Hugging Face model)"
             )
         return path
+    if path.exists():
+        raise ModelNotFound(f"model: {path} is a file, not a model directory or a .gguf file; {SOURCES_HINT}")
+    if not is_hub_id(spec):
+        raise ModelNotFound(f"model: {path} does not exist; {SOURCES_HINT}")
     cached = _hub_cache_snapshot(spec)
     if cached is not None:
         return cached
     raise ModelNotFound(
-        f"model: {spec!r} is not a local directory or .gguf file, and no copy is in the local Hugging Face cache. "
-        "tunesmith never downloads at run time (this machine may be offline): download the model where there is "
-        f"network (e.g. `hf download {spec} --local-dir DIR`), copy DIR here, and set model: DIR"
+        f"model: {spec!r} does not exist here as a directory or .gguf file, and no copy of a Hugging Face model "
+        "of that id is in the local cache. tunesmith never downloads at run time (this machine may be offline): "
+        f"download the model where there is network (e.g. `hf download {spec} --local-dir DIR`), copy DIR here, "
+        "and set model: DIR"
+    )
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether `spec` could name a hub model (`org/name` or `name`); anything else can only be a local path."""
+    return (
+        spec.count("/") <= 1
+        and not spec.startswith(("/", ".", "~"))
+        and not spec.endswith("/")
+        and "\\" not in spec
     )
 
 
 def _hub_cache_snapshot(repo_id: str) -> Path | None:
-    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
-        return None
     try:
         from huggingface_hub import snapshot_download
 

@@ -192,7 +192,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
         if holds_run(run_dir) or (run_dir / "config.yaml").is_file():
             raise RunDirError(
                 f"{run_dir}: this run has not finished (no {RUN_INFO}); resume it with "
-                f"`tunesmith train {run_dir / 'config.yaml'} --resume`, or export one of its checkpoints"
+                f"`tunesmith train {run_dir / 'config.yaml'} --resume` (add train.max_steps=N to end it sooner)"
             )
         raise RunDirError(
             f"{run_dir} is not a finished tunesmith run (no {RUN_INFO}); did training complete?"
