@@ -111,3 +111,19 @@ def base_config(model_dir: Path, data_file: Path, out: Path, **sections: Any) ->
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
+
+
+def zero_step_model(cfg: Any) -> Any:
+    """The adapter model `train` starts from, built the way the loop builds it, with no step taken."""
+    from accelerate.utils import set_seed
+
+    from tunesmith.models.adapters import apply_adapter
+    from tunesmith.models.attention import choose_attention
+    from tunesmith.models.load import load_model_and_tokenizer
+    from tunesmith.training.methods import get_method
+
+    set_seed(cfg.train.seed)
+    attention = choose_attention(cfg.train.attention, "cpu")
+    model, tokenizer, _ = load_model_and_tokenizer(cfg.model, attention=attention)
+    get_method(cfg.method).build_data(cfg.data, tokenizer)
+    return apply_adapter(model, cfg.adapter)

@@ -42,6 +42,37 @@ def test_train_few_steps_then_chat_and_export(tmp_path):
     answer = _cli("chat", str(run), "--prompt", "What is your name?", "--max-new-tokens", "24").stdout.strip()
     assert answer and "<|im_end|>" not in answer and "<|im_start|>" not in answer
 
+    exported = tmp_path / "exported"
+    said = _cli("export", str(run), "--merge", "--out", str(exported)).stdout
+    assert str(exported) in said
+    _assert_export_matches_the_run(run, exported)
+
+
+def _assert_export_matches_the_run(run: Path, exported: Path) -> None:
+    """The merged export, loaded by plain transformers, gives the trained adapter model's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.infer.loading import load_for_inference
+
+    merged = AutoModelForCausalLM.from_pretrained(exported).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    adapter_model, run_tokenizer = load_for_inference(str(run))
+    assert tokenizer.chat_template == run_tokenizer.chat_template
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is your name?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        expected = adapter_model(**ids).logits
+        got = merged(**ids).logits
+        with adapter_model.disable_adapter():
+            base = adapter_model(**ids).logits
+    assert float((expected - base).abs().max()) > 1e-2  # four steps moved the model: the check has teeth
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+
 
 def test_config_error_is_one_clear_line_before_any_model_loads(tmp_path):
     result = _cli("train", "examples/quickstart.yaml", "train.lr=fast", check=False)

@@ -15,6 +15,7 @@ from tunesmith.data import batch_tokenize, cache
 from tunesmith.data.batch_tokenize import TokenizeSettings, tokenize_all
 from tunesmith.data.block import TokenBlock, concat
 from tunesmith.data.build import build_data
+from tunesmith.data.errors import DataError
 from tunesmith.data.validate import read_samples
 
 
@@ -147,16 +148,30 @@ def test_cache_can_be_turned_off(tokenizer, tmp_path, cache_home):
     assert not cache_home.exists()
 
 
-def test_cached_load_is_fast(tokenizer, tmp_path, cache_home):
-    data = _write_rows(tmp_path / "d.jsonl", 1500)
-    start = time.perf_counter()
-    _build(tokenizer, data, num_proc=1)
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
+def test_warm_build_reads_nothing_but_the_cache(tokenizer, tmp_path, cache_home):
+    """The warm build must not read or tokenize the file: it is made unreadable, key unchanged."""
+    data = _write_rows(tmp_path / "d.jsonl", 60)
+    cold = _build(tokenizer, data, num_proc=1)
+    [entry] = list(cache_home.glob("*.safetensors"))
+    written = entry.stat().st_mtime_ns
+    _scramble_keeping_size_and_mtime(data)
+    with pytest.raises(DataError):  # the file itself no longer gives samples
+        _build(tokenizer, data, cache=False)
     warm = _build(tokenizer, data)
-    warm_s = time.perf_counter() - start
-    assert warm.report.sources[0].from_cache and warm.report.train_samples == 1500
-    assert warm_s < cold / 4, (cold, warm_s)
+    assert not cold.report.sources[0].from_cache and warm.report.sources[0].from_cache
+    assert warm.report.train_samples == cold.report.train_samples == 60
+    assert _same(cold.train, warm.train) and _same(cold.eval, warm.eval)
+    assert warm.report.summary() == cold.report.summary()
+    assert entry.stat().st_mtime_ns == written  # read, not rewritten
+
+
+def _scramble_keeping_size_and_mtime(path: Path) -> None:
+    """Replace every byte but the newlines, so the cache key (path, size, mtime) stays the same."""
+    stat = path.stat()
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join(b"{" * len(line) for line in lines))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
 
 
 def test_parallel_tokenization_equals_serial(tokenizer, tmp_path, monkeypatch):

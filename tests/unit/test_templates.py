@@ -33,6 +33,7 @@ REQUIRED = {
     "chatml",
     "deepseek",
     "gemma",
+    "gemma3",
     "llama2",
     "llama3",
     "mistral",
@@ -216,7 +217,13 @@ def _fastchat_vicuna(messages: list[dict[str, Any]], generation: bool, bos_token
 
 def _reference(name: str, messages: list[dict[str, Any]], generation: bool, kwargs: dict[str, Any]) -> str:
     """What the official template (or FastChat, for vicuna) renders for this case."""
-    tokenizer = _tokenizer_for(name)
+    return render_reference(name, _tokenizer_for(name), messages, generation, **kwargs)
+
+
+def render_reference(
+    name: str, tokenizer: Any, messages: list[dict[str, Any]], generation: bool, **kwargs: Any
+) -> str:
+    """The reference rendering of built-in `name` with `tokenizer`'s special tokens (or RAISES)."""
     if name == "vicuna":
         return _fastchat_vicuna(messages, generation, tokenizer.bos_token)
     if name == "alpaca":
@@ -269,6 +276,18 @@ def test_every_builtin_has_a_reference_and_special_tokens() -> None:
     for name in list_templates():
         if name not in ("vicuna", "qwen3_nothink"):
             assert (FIXTURES / f"{name}.jinja").is_file(), name
+
+
+def test_builtins_without_a_fixture_have_a_reference_of_their_own() -> None:
+    """qwen3_nothink and vicuna are compared with a derived reference; it must not be another built-in's."""
+    single, answered = CONVERSATIONS["single"], CONVERSATIONS["single_answered"]
+    nothink = _reference("qwen3_nothink", single, True, {})
+    assert nothink == _reference("qwen3", single, True, {"enable_thinking": False})
+    assert nothink != _reference("qwen3", single, True, {})
+    assert nothink.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    vicuna = _reference("vicuna", answered, False, {})
+    assert vicuna == f"<s>{VICUNA_SYSTEM} USER: Hello! ASSISTANT: Hi there.</s>"
+    assert _reference("vicuna", single, True, {}).endswith("USER: Hello! ASSISTANT:")
 
 
 def test_reference_fixtures_name_their_source() -> None:
