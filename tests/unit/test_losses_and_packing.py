@@ -14,6 +14,7 @@ from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample
 from tunesmith.models.attention import packed_mask_kind
 from tunesmith.models.varlen_attention import NAME as VARLEN_SDPA
 from tunesmith.models.varlen_attention import register_varlen_sdpa
+from tunesmith.training.loop import enable_activation_checkpointing
 from tunesmith.training.losses import CausalLMWithLoss
 
 
@@ -134,7 +135,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(adapter):
                 model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
             )
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             if adapter == "lora":
                 model.enable_input_require_grads()
         model.train()

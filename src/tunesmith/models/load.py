@@ -85,11 +85,14 @@ def load_model(
     trust_remote_code: bool = False,
     attention: str = "sdpa",
 ) -> Any:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tunesmith.models.attention import attention_for_model
     from tunesmith.models.varlen_attention import NAME as VARLEN_SDPA
     from tunesmith.models.varlen_attention import register_varlen_sdpa
 
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    attention = attention_for_model(attention, config)
     if attention == VARLEN_SDPA:
         register_varlen_sdpa()
     return AutoModelForCausalLM.from_pretrained(

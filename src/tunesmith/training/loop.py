@@ -182,7 +182,7 @@ def _train_locked(
     if cfg.train.compile:
         compile_decoder_layers(model)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     trainable, total = count_parameters(model)
@@ -633,3 +633,16 @@ class Trainer:
             return value
         tensor = torch.tensor([value], device=self.accelerator.device, dtype=torch.float64)
         return float(self.accelerator.reduce(tensor, reduction="sum").item())
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in the backward (non-reentrant, as torch recommends).
+
+    transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable (5.x); the
+    old name still works there but warns.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

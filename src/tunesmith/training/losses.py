@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.tokenize import IGNORE_INDEX
+from tunesmith.models.attention import packed_layer_masks, packed_mask_kind
 
 
 def _head_ce_sum(
@@ -95,6 +96,35 @@ class CausalLMWithLoss(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        decoder, head, softcap = self._parts
-        hidden = decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+        _, head, softcap = self._parts
+        hidden = self.hidden_states(input_ids, **inputs)
         return chunked_lm_loss_sum(hidden, labels, head, self.chunk_size, softcap)
+
+    def hidden_states(self, input_ids: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """The decoder's last hidden states, with packed rows isolated the way its kernel needs."""
+        decoder = self._parts[0]
+        inputs = attention_inputs(decoder.config, inputs)
+        return decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+
+
+def attention_inputs(config: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """`inputs` with a packed row's 4-D mask narrowed to each layer's sliding window.
+
+    transformers uses a ready 4-D mask as it is, for every layer, so the window (Mistral, Qwen2,
+    Gemma 2/3) has to be in it already. Varlen kernels find samples from position ids alone, so a
+    packed batch without them would silently run as one sample per row: refused.
+    """
+    implementation = getattr(config, "_attn_implementation", None)
+    mask = inputs.get("attention_mask")
+    packed = mask is not None and mask.dim() == 4
+    if packed_mask_kind(implementation) == "none":
+        if inputs.get("position_ids") is None and (mask is None or packed):
+            raise ValueError(
+                f"attention {implementation!r} finds packed samples from position_ids, and this batch has "
+                "none; give each sample position ids that restart at 0 (data.packing does), or a 2-D "
+                "attention_mask for one sample per row"
+            )
+        return inputs
+    if packed and implementation in ("sdpa", "eager"):
+        return {**inputs, "attention_mask": packed_layer_masks(config, mask, implementation)}
+    return inputs
