@@ -4,6 +4,11 @@ The generator records, for every row, either the sample it must become or the fi
 reason prefix of the issue it must raise. The reader must keep every good row (same content, same
 order), report every bad row at exactly that place, never raise in skip mode, and in raise mode
 stop at the first bad row.
+
+A second generator feeds hostile rows (deep nesting, lone surrogates, wrong types, huge fields,
+bad UTF-8, rows the chat template chokes on) through tokenizing, in memory and streamed: no
+crash, every bad row reported at its line, and the good rows' tokens exactly those of a file that
+holds only the good rows.
 """
 
 from __future__ import annotations
@@ -405,3 +410,150 @@ def test_fuzzed_files_every_row_kept_or_reported_at_its_line(tmp_path: Path, see
         assert str(info.value).endswith("set data.on_error: skip to skip bad rows")
 
     print(f"\nfuzz seed {seed}: {len(expected)} rows, {len(bads)} bad, {time.perf_counter() - start:.2f} s")
+
+
+# --- tokenizing and streaming stages -------------------------------------------------------------
+# Hostile rows through the whole build: in memory (in worker processes when large), and streamed.
+# Rows containing BOOM pass validation and then make the chat template raise, as a template bug
+# or an unusual row would; every other hostile row is refused while reading or validating.
+
+BOOM_TEMPLATE = (
+    "{% for m in messages %}{% if 'BOOM' in (m['content'] or '') %}{{ 1 // 0 }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def nested(depth: int) -> bytes:
+    return b'{"messages": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def hostile(g: Gen, full_depth: bool) -> tuple[bytes, str]:
+    """One hostile JSON Lines row and the reason prefix it must be reported with."""
+    row, _ = good_messages(g)
+    turns = row["messages"]
+    kind = g.rng.choice(["deep", "surrogate", "key", "type", "empty", "utf8", "boom", "array", "cut", "huge"])
+    if kind == "deep":
+        return nested(100_000 if full_depth else g.rng.randint(101, 3000)), "nested too deeply"
+    if kind == "surrogate":
+        i = g.rng.randrange(len(turns))
+        turns[i]["content"] = "a\udbff"
+        raw = json.dumps(row).encode()  # ensure_ascii writes the lone half as a \udbff escape
+        return raw, f"messages[{i}].content: lone surrogate \\udbff at character 2"
+    if kind == "key":
+        return json.dumps({**row, "\udc80": 1}).encode(), "row: lone surrogate \\udc80"
+    if kind == "huge" and g.huge("hostile"):
+        i = _pick(g, turns, "user")
+        turns[i]["content"] = "z" * HUGE
+        return json.dumps(row).encode(), f"messages[{i}].content: field too long"
+    if kind == "boom":
+        i = _pick(g, turns, "assistant")
+        turns[i]["content"] = "BOOM " + g.text()
+        return json.dumps(row).encode(), "chat template: ZeroDivisionError"
+    if kind == "array":
+        return b"[1, 2]", "row is an array"
+    if kind == "cut":
+        raw = json.dumps(row).encode()
+        return raw[: g.rng.randint(1, len(raw) - 1)], "invalid JSON: "
+    if kind == "utf8":
+        return with_bad_byte(json.dumps(row).encode()), "invalid UTF-8: byte 0xff at column"
+    if kind == "empty":
+        i = _pick(g, turns, "user")
+        turns[i]["content"] = ""
+        return json.dumps(row).encode(), f"messages[{i}].content: empty user message"
+    i = g.rng.randrange(len(turns))
+    turns[i]["content"] = g.rng.choice([42, True, {"text": "x"}])
+    return json.dumps(row).encode(), f"messages[{i}].content: expected a string or an array of text parts"
+
+
+def write_hostile(root: Path, n: int, seed: int) -> tuple[Path, Path, list[Expect]]:
+    """A mixed file, the same file's good rows alone, and what each mixed row must become."""
+    g = Gen(random.Random(seed))
+    mixed, clean = root / "mixed.jsonl", root / "clean.jsonl"
+    lines: list[bytes] = []
+    good_lines: list[bytes] = []
+    deep_left = 3  # a few rows nested 100,000 levels; the rest are cheaper to write
+    for k in range(n):
+        ref = RowRef(str(mixed), len(lines) + 1)
+        if k and g.rng.random() < 0.3:
+            raw, reason = hostile(g, full_depth=deep_left > 0 and g.rng.random() < 0.1)
+            deep_left -= raw.startswith(b'{"messages": [[[[')
+            g.expected.append(Expect(ref, reason=reason))
+        else:
+            raw = json.dumps(good_messages(g)[0], ensure_ascii=g.rng.random() < 0.5).encode()
+            g.expected.append(Expect(ref, good=()))
+            good_lines.append(raw)
+        lines.append(raw)
+    mixed.write_bytes(b"\n".join(lines) + b"\n")
+    clean.write_bytes(b"\n".join(good_lines) + b"\n")
+    return mixed, clean, g.expected
+
+
+def _data_config(path: Path, template: Path, **options: Any) -> Any:
+    from tunesmith.config.schema import DataConfig
+
+    return DataConfig(
+        train=[{"path": str(path)}],
+        seq_len=512,
+        template=str(template),
+        on_error="skip",
+        cache=False,
+        shuffle=False,
+        num_proc=2,
+        max_dropped_fraction=1.0,
+        **options,
+    )
+
+
+def _one_pass(rows: Any) -> list[Any]:
+    """The samples of exactly one pass over the streamed files."""
+    samples = []
+    while True:
+        row = rows.next_row()
+        if rows.position.passes:
+            return samples
+        samples.extend(row)
+
+
+def run_hostile_build(tmp_path: Path, tokenizer: Any, n: int, seed: int) -> None:
+    from tunesmith.data.build import build_data
+    from tunesmith.data.stream_build import build_streaming
+
+    mixed, clean, expected = write_hostile(tmp_path, n, seed)
+    template = tmp_path / "boom.jinja"
+    template.write_text(BOOM_TEMPLATE, encoding="utf-8")
+    bads = [e for e in expected if e.reason is not None]
+    good_lines = [e.ref.line for e in expected if e.good is not None]
+    kinds = {e.reason.split(":")[0] for e in bads}
+    assert {"nested too deeply", "row", "chat template", "invalid UTF-8"} <= kinds
+
+    built = build_data(_data_config(mixed, template), tokenizer, "sft")
+    reference = build_data(_data_config(clean, template), tokenizer, "sft").train
+    assert built.report.rows_read == n
+    issues = sorted(built.report.skipped + built.report.dropped, key=lambda i: i.ref.line)
+    assert [i.ref for i in issues] == [e.ref for e in bads]
+    for issue, e in zip(issues, bads, strict=True):
+        assert issue.reason.startswith(e.reason), (str(issue), e.reason)
+    kept = sorted(built.train, key=lambda s: s.source.line)
+    assert [s.source.line for s in kept] == good_lines
+    assert [(s.input_ids, s.labels) for s in kept] == [(s.input_ids, s.labels) for s in reference]
+    assert built.report.trained_tokens == sum(s.num_trained for s in reference) > 0
+
+    cfg = _data_config(mixed, template, streaming=True, stream_block_rows=max(50, n // 7))
+    rows, _, report = build_streaming(cfg, tokenizer, "sft", seed=0)
+    streamed = sorted(_one_pass(rows), key=lambda s: s.source.line)
+    assert [(s.input_ids, s.labels) for s in streamed] == [(s.input_ids, s.labels) for s in reference]
+    assert report.rows_read == n
+    stream_issues = sorted(report.skipped + report.dropped, key=lambda i: i.ref.line)
+    assert [(i.ref, i.reason) for i in stream_issues] == [(i.ref, i.reason) for i in issues]
+
+
+def test_hostile_rows_through_tokenizing_and_streaming_small(tmp_path: Path, tokenizer: Any) -> None:
+    run_hostile_build(tmp_path, tokenizer, 300, seed=11)
+
+
+@pytest.mark.slow
+def test_hostile_rows_through_tokenizing_and_streaming_10k(tmp_path: Path, tokenizer: Any) -> None:
+    start = time.perf_counter()
+    run_hostile_build(tmp_path, tokenizer, 10_000, seed=5)
+    print(f"\nhostile build: 10,000 rows in {time.perf_counter() - start:.1f} s")

@@ -9,6 +9,7 @@ import pytest
 from test_templates import CONVERSATIONS, RAISES, SPECIAL_TOKENS, render_reference
 
 from tunesmith.data.conversation import Conversation, Message, RowRef
+from tunesmith.data.errors import DataError
 from tunesmith.data.templates import BUILTIN_TEMPLATES, list_templates
 from tunesmith.data.tokenize import IGNORE_INDEX, tokenize_conversation
 
@@ -146,17 +147,8 @@ MASK_CONVERSATIONS = (
     "think_in_content",
 )
 
-PHI3_BUG = (
-    "tokenize.py takes the end-of-conversation EOS Phi-3 writes after the last turn for part of every "
-    "turn's end: earlier replies cannot be located, the last one trains '\\n<|endoftext|>'"
-)
-NOTHINK_REASONING_BUG = (
-    "tokenize.py masks the reasoning qwen3_nothink renders in the last reply (reasoning='keep')"
-)
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    **{("phi3", conv): PHI3_BUG for conv in MASK_CONVERSATIONS},
-    ("qwen3_nothink", "think_in_content"): NOTHINK_REASONING_BUG,
-}
+REFUSED = {("qwen3_nothink", "think_in_content")}
+"""Cases tunesmith refuses on purpose: the non-thinking prompt closes the reasoning block itself."""
 
 
 @functools.cache
@@ -219,12 +211,8 @@ def _mask_cases() -> list[Any]:
         for conv in MASK_CONVERSATIONS:
             if name == "gemma" and CONVERSATIONS[conv][0]["role"] == "system":
                 continue  # Gemma 2 has no system role
-            marks = (
-                [pytest.mark.xfail(reason=KNOWN_BUGS[(name, conv)], strict=True)]
-                if (name, conv) in KNOWN_BUGS
-                else []
-            )
-            cases.append(pytest.param(name, conv, id=f"{name}-{conv}", marks=marks))
+            if (name, conv) not in REFUSED:
+                cases.append(pytest.param(name, conv, id=f"{name}-{conv}"))
     return cases
 
 
@@ -245,5 +233,19 @@ def test_builtin_label_mask_equals_the_reference_spans(name: str, conv: str) -> 
 
 def test_every_builtin_is_covered_by_the_label_mask_comparison() -> None:
     assert set(END_OF_TURN) == set(HEADER) == set(list_templates())
-    covered = {case.values[0] for case in _mask_cases() if not case.marks}
-    assert covered == set(list_templates()) - {"phi3"}
+    covered = {case.values[0] for case in _mask_cases()}
+    assert covered == set(list_templates())
+
+
+def test_reasoning_under_a_non_thinking_template_is_refused_with_the_fix() -> None:
+    """qwen3_nothink prompts with an empty <think></think>: a reply's own reasoning cannot be trained."""
+    messages = CONVERSATIONS["think_in_content"]
+    tokenizer = _family_tokenizer("qwen3_nothink")
+    conversation = Conversation(tuple(Message(m["role"], m["content"]) for m in messages), RowRef("mem", 1))
+    with pytest.raises(DataError, match="data.reasoning: strip"):
+        tokenize_conversation(tokenizer, BUILTIN_TEMPLATES["qwen3_nothink"], conversation, seq_len=4096)
+    stripped = tokenize_conversation(
+        tokenizer, BUILTIN_TEMPLATES["qwen3_nothink"], conversation, seq_len=4096, reasoning="strip"
+    )
+    assert "<think>\n\n</think>" in tokenizer.decode(stripped.input_ids)
+    assert stripped.num_trained > 0

@@ -63,13 +63,16 @@ def test_streaming_resume_matches_straight_run(tiny_model_dirs, tmp_path):
 
 
 def test_streaming_reads_each_row_once_per_pass(tmp_path):
+    from tunesmith.data.batch_tokenize import TokenizeResult
+    from tunesmith.data.block import TokenBlock
     from tunesmith.data.streaming import StreamingRows
     from tunesmith.data.tokenize import TokenizedSample
 
     data = _write_rows(tmp_path / "s.jsonl", 23)
 
     def tokenize(samples, file_index):
-        return [TokenizedSample([1, 2, 3], [1, 2, 3], s.source) for s in samples]
+        tokenized = [TokenizedSample([1, 2, 3], [1, 2, 3], s.source) for s in samples]
+        return TokenizeResult(TokenBlock.from_samples(tokenized))
 
     rows = StreamingRows(
         [(data, "auto")], tokenize, seq_len=7, packing=True, block_rows=5, seed=0, on_error="raise"

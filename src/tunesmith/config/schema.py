@@ -114,6 +114,9 @@ class DataConfig(Section):
     stream_block_rows: PositiveInt = Field(
         default=4096, description="rows read, packed and shuffled together when streaming"
     )
+    pretrain_overlap: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="method pretrain: tokens shared by consecutive windows of one long document"
+    )
     on_error: Literal["raise", "skip"] = "raise"
     max_dropped_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.5, description="abort if more than this fraction of rows is skipped or dropped"
@@ -162,7 +165,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",
         description="auto: bf16 (autocast, fp32 trainable weights) on GPUs that support it and on CPUs "
-        "with AMX; fp32 elsewhere",
+        "with AMX; fp32 elsewhere. fp16: autocast with dynamic loss scaling (overflowing steps are "
+        "skipped and counted); meant for GPUs without bf16",
     )
     gradient_checkpointing: bool = False
     activation_offload: bool = Field(

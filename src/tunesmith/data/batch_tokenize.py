@@ -2,9 +2,10 @@
 
 Samples are cut into contiguous chunks, each chunk is tokenized on its own, and the chunks are
 joined in order, so the output does not depend on how many processes did the work. Rows that
-cannot be used are reported, not raised: those with nothing to train on are `dropped`, those the
-chat template refuses (e.g. tool calls given to a template without tools) are `failed`; the
-caller decides what `on_error` makes of them.
+cannot be used are reported, not raised: those with nothing to train on are `dropped`; those for
+which the chat template or the tokenizer raises anything at all (tool calls given to a template
+without tools, a string the tokenizer cannot encode) are `failed`, in a worker process as in
+this one; the caller decides what `on_error` makes of them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from typing import Any
 from tunesmith.data.block import TokenBlock, concat
 from tunesmith.data.conversation import Conversation, Sample, TextSample
 from tunesmith.data.errors import DataError, RowIssue
-from tunesmith.data.tokenize import Reasoning, TokenizedSample, tokenize_conversation, tokenize_text
+from tunesmith.data.tokenize import (
+    Reasoning,
+    TokenizedSample,
+    bos_token_id,
+    tokenize_conversation,
+    tokenize_text,
+)
 
 PARALLEL_MIN_SAMPLES = 1000
 """Below this many samples, starting processes costs more than it saves."""
@@ -34,6 +41,7 @@ class TokenizeSettings:
     train_on_prompt: bool = False
     mask_history: bool = False
     reasoning: Reasoning = "keep"
+    pretrain_overlap: int = 0
 
 
 @dataclass
@@ -74,37 +82,69 @@ def tokenize_all(
 def tokenize_chunk(
     samples: Sequence[Sample], tokenizer: Any, template: str | None, settings: TokenizeSettings
 ) -> TokenizeResult:
-    from jinja2.exceptions import TemplateError
-
+    """Tokenize in order; an exception from one sample is that sample's issue, never the chunk's."""
     out: list[TokenizedSample] = []
     result = TokenizeResult(TokenBlock.from_samples([]))
+    has_text = any(isinstance(s, TextSample) for s in samples)
+    bos = bos_token_id(tokenizer) if has_text else None  # asked once, not per document
     for sample in samples:
-        if isinstance(sample, TextSample):
-            out.extend(tokenize_text(tokenizer, sample, settings.seq_len))
-            continue
-        assert isinstance(sample, Conversation)
         try:
-            tokenized = tokenize_conversation(
-                tokenizer,
-                template or "",
-                sample,
-                settings.seq_len,
-                settings.train_on_prompt,
-                mask_history=settings.mask_history,
-                reasoning=settings.reasoning,
-            )
-        except (TemplateError, DataError) as exc:
-            reason = str(exc).removeprefix(f"{sample.source}: ")
-            result.failed.append(RowIssue(sample.source, f"chat template: {reason}"))
+            tokenized = _tokenize_one(sample, tokenizer, template, settings, bos)
+        except Exception as exc:  # noqa: BLE001 - any failure belongs to this row, reported with its line
+            result.failed.append(RowIssue(sample.source, failure_reason(exc, sample)))
             continue
-        result.truncated += tokenized.truncated
-        if tokenized.num_trained == 0:
-            why = "no trained tokens left after truncation" if tokenized.truncated else "no trained tokens"
+        for window in tokenized:
+            result.truncated += window.truncated
+        if isinstance(sample, Conversation) and tokenized[0].num_trained == 0:
+            cut = tokenized[0].truncated
+            why = "no trained tokens left after truncation" if cut else "no trained tokens"
             result.dropped.append(RowIssue(sample.source, f"{why} (seq_len {settings.seq_len})"))
             continue
-        out.append(tokenized)
+        out.extend(tokenized)
     result.block = TokenBlock.from_samples(out)
     return result
+
+
+def _tokenize_one(
+    sample: Sample, tokenizer: Any, template: str | None, settings: TokenizeSettings, bos: int | None
+) -> list[TokenizedSample]:
+    if isinstance(sample, TextSample):
+        return tokenize_text(tokenizer, sample, settings.seq_len, settings.pretrain_overlap, bos)
+    return [
+        tokenize_conversation(
+            tokenizer,
+            template or "",
+            sample,
+            settings.seq_len,
+            settings.train_on_prompt,
+            mask_history=settings.mask_history,
+            reasoning=settings.reasoning,
+        )
+    ]
+
+
+def failure_reason(exc: BaseException, sample: Sample) -> str:
+    """What went wrong with one row, without repeating its location."""
+    from jinja2.exceptions import TemplateError
+
+    text = str(exc).removeprefix(f"{sample.source}: ")
+    if isinstance(exc, TemplateError | DataError):
+        return f"chat template: {text}"
+    if isinstance(exc, RecursionError):
+        return "cannot tokenize: nested too deeply (RecursionError)"
+    stage = "chat template" if _raised_in_template(exc) else "cannot tokenize"
+    reason = f"{stage}: {type(exc).__name__}: {text}"[:2000]
+    return reason.encode("utf-8", "backslashreplace").decode("utf-8")  # printable, whatever it holds
+
+
+def _raised_in_template(exc: BaseException) -> bool:
+    """Whether the exception came out of a Jinja template's code rather than the tokenizer."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def merge(parts: Sequence[TokenizeResult]) -> TokenizeResult:

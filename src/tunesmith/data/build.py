@@ -115,9 +115,22 @@ class FingerprintedTokenizer:
         return self._fingerprint
 
 
+def tokenize_settings(cfg: DataConfig, tokenizer: Any, method: str) -> TokenizeSettings:
+    """The settings that decide a sample's tokens; a pretrain overlap that cannot work stops here."""
+    overlap = 0
+    if method == "pretrain":
+        from tunesmith.data.tokenize import bos_token_id, check_overlap
+
+        overlap = cfg.pretrain_overlap
+        check_overlap(overlap, cfg.seq_len, bos_token_id(tokenizer) is not None)
+    return TokenizeSettings(
+        cfg.seq_len, method, cfg.train_on_prompt, cfg.mask_history, cfg.reasoning, overlap
+    )
+
+
 def build_data(cfg: DataConfig, tokenizer: Any, method: str) -> BuiltData:
     report = DataReport()
-    settings = TokenizeSettings(cfg.seq_len, method, cfg.train_on_prompt, cfg.mask_history, cfg.reasoning)
+    settings = tokenize_settings(cfg, tokenizer, method)
     tok = FingerprintedTokenizer(tokenizer)
     train_parts = [
         load_source(s, f"data.train[{i}]", cfg, tok, settings, report) for i, s in enumerate(cfg.train)
@@ -125,7 +138,7 @@ def build_data(cfg: DataConfig, tokenizer: Any, method: str) -> BuiltData:
     eval_parts = [
         load_source(s, f"data.eval[{i}]", cfg, tok, settings, report) for i, s in enumerate(cfg.eval)
     ]
-    _check_loss_budget(report, cfg.max_dropped_fraction)
+    check_loss_budget(report, cfg.max_dropped_fraction)
 
     pool, eval_pool = _pooled(train_parts), _pooled(eval_parts)
     if cfg.dedup:
@@ -291,11 +304,12 @@ def split_eval(samples: list[T], fraction: float, seed: int = 0) -> tuple[list[T
     ]
 
 
-def _check_loss_budget(report: DataReport, limit: float) -> None:
+def check_loss_budget(report: DataReport, limit: float, scope: str = "") -> None:
+    """Stop when more than `limit` of the rows read (`scope`: which ones) were skipped or dropped."""
     lost = len(report.skipped) + len(report.dropped)
     if report.rows_read and lost / report.rows_read > limit:
         examples = "; ".join(str(i) for i in (report.skipped + report.dropped)[:5])
         raise DataError(
-            f"{lost} of {report.rows_read} rows were skipped or dropped, more than data.max_dropped_fraction "
-            f"({limit:.0%}); first: {examples}"
+            f"{lost} of {report.rows_read} rows {scope}were skipped or dropped, more than "
+            f"data.max_dropped_fraction ({limit:.0%}); first: {examples}"
         )

@@ -26,7 +26,7 @@ from tunesmith.data.block import TokenBlock
 from tunesmith.data.conversation import RowRef
 from tunesmith.data.errors import RowIssue
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when tokenization or the entry layout changes: old entries are then simply not found."""
 CACHE_MIN_BYTES = 64 * 1024
 """Sources smaller than this are not cached: tokenizing them is as fast as reading an entry."""
@@ -53,6 +53,8 @@ def cache_dir() -> Path:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash that changes whenever the tokenizer would produce other ids."""
+    from tunesmith.data.tokenize import bos_token_id
+
     digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -63,6 +65,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         "class": type(tokenizer).__name__,
         "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
         "eos": tokenizer.eos_token_id,
+        "bos": bos_token_id(tokenizer),
         "size": len(tokenizer),
     }
     digest.update(json.dumps(extra, sort_keys=True).encode())

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunesmith.data.conversation import ROLES, Conversation, Message, RowRef, Sample, TextSample
+from tunesmith.data.limits import TooDeep, loads_bounded, too_deep_reason, value_problem
 
 FORMATS = ("alpaca", "sharegpt", "messages", "text")
 DEFAULT_MAX_CHARS = 10_000_000
@@ -75,6 +76,9 @@ def to_sample(row: dict[str, Any], fmt: str, ref: RowRef, *, max_chars: int = DE
         raise ValueError(f"unknown data format {fmt!r} (known: {', '.join(FORMATS)})")
     if not isinstance(row, dict):
         raise RowError(f"row is {type_name(row)}, expected an object")
+    problem = value_problem(row)  # before any recursive use of the row (templates, pickling)
+    if problem is not None:
+        raise RowError(problem)
     return convert(row, ref, max_chars)
 
 
@@ -163,15 +167,47 @@ def _tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
     if isinstance(value, str):
         if not value.strip():
             return None
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise RowError(f"tools: invalid JSON string: {e.msg}") from None
+        value = _embedded_json(value, "tools")
     if not isinstance(value, list):
         raise RowError(f"tools: expected an array, got {type_name(value)}")
     for i, tool in enumerate(value):
         _as_dict(tool, f"tools[{i}]")
     return value or None
+
+
+def _embedded_json(text: str, where: str) -> Any:
+    """A JSON value stored as a string, held to the same limits as the row itself."""
+    try:
+        value = loads_bounded(text)
+    except TooDeep:
+        raise RowError(too_deep_reason(where)) from None
+    except json.JSONDecodeError as e:
+        raise RowError(f"{where}: invalid JSON string: {e.msg}") from None
+    problem = value_problem(value, where)
+    if problem is not None:
+        raise RowError(problem)
+    return value
+
+
+def _check_arguments(call: dict[str, Any], where: str) -> None:
+    """Tool-call arguments given as a JSON string are decoded for the template: bound them now.
+
+    Arguments that are not JSON at all are rendered as the string they are, so they pass.
+    """
+    function = call.get("function")
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return
+    where = f"{where}.function.arguments"
+    try:
+        value = loads_bounded(arguments)
+    except TooDeep:
+        raise RowError(too_deep_reason(where)) from None
+    except json.JSONDecodeError:
+        return
+    problem = value_problem(value, where)
+    if problem is not None:
+        raise RowError(problem)
 
 
 # --- conversation rules -------------------------------------------------------------------------
@@ -235,7 +271,7 @@ def _tool_calls(obj: dict[str, Any], role: str, where: str) -> list[dict[str, An
     if value and role != "assistant":
         raise RowError(f"{where}.tool_calls: only assistant messages can have tool_calls")
     for i, call in enumerate(value):
-        _as_dict(call, f"{where}.tool_calls[{i}]")
+        _check_arguments(_as_dict(call, f"{where}.tool_calls[{i}]"), f"{where}.tool_calls[{i}]")
     return value or None
 
 

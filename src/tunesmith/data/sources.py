@@ -29,6 +29,7 @@ from typing import Any
 from tunesmith.data.conversation import RowRef
 from tunesmith.data.errors import DataError, RowIssue
 from tunesmith.data.formats import type_name
+from tunesmith.data.limits import TooDeep, loads_bounded, too_deep_reason
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".txt")
 TXT_SPLIT_BYTES = 4 * 1024 * 1024
@@ -40,6 +41,8 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape turns invalid UTF-8 bytes into
 _BOM = b"\xef\xbb\xbf"
+# A JSON string (escapes included) or one bracket: enough to find where a nested value ends.
+_JSON_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 Row = dict[str, Any]
 RowResult = tuple[RowRef, "Row | RowIssue"]
@@ -131,7 +134,9 @@ def parse_json_line(raw: bytes, ref: RowRef) -> Row | RowIssue:
         return RowIssue(ref, f"invalid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}")
     text = text.rstrip("\r\n")
     try:
-        value = json.loads(text)
+        value = loads_bounded(text)
+    except TooDeep as e:
+        return RowIssue(ref, str(e))
     except json.JSONDecodeError as e:
         cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
         truncated = " (line truncated?)" if cut else ""
@@ -181,17 +186,10 @@ def _iter_json_array(text: str, idx: int, name: str) -> Iterator[RowResult]:
         counted = idx
         item += 1
         ref = RowRef(name, line)
-        try:
-            value, end = decoder.raw_decode(text, idx)
-        except json.JSONDecodeError as e:
-            reason = f"invalid JSON in item {item}: {_json_msg(e, f'line {e.lineno} column {e.colno}')}"
-            yield ref, RowIssue(ref, reason + " (rest of the file not read)")
+        result, end = _decode_item(decoder, text, idx, item, ref)
+        yield ref, result
+        if end is None:
             return
-        bad = _BAD_BYTE.search(text, idx, end)
-        if bad:
-            yield ref, RowIssue(ref, f"invalid UTF-8: byte 0x{ord(bad.group()) - 0xDC00:02x}")
-        else:
-            yield ref, _as_object(value, ref, f"item {item}")
         idx = _JSON_WS.match(text, end).end()
         sep = text[idx : idx + 1]
         if sep == ",":
@@ -205,6 +203,39 @@ def _iter_json_array(text: str, idx: int, name: str) -> Iterator[RowResult]:
         found = "end of file" if not sep else repr(sep)
         yield ref, RowIssue(ref, f"invalid JSON: expected ',' or ']' after item {item}, found {found}")
         return
+
+
+def _decode_item(
+    decoder: json.JSONDecoder, text: str, idx: int, item: int, ref: RowRef
+) -> tuple[Row | RowIssue, int | None]:
+    """One array item and where it ends; end None: the rest of the file cannot be read."""
+    try:
+        value, end = decoder.raw_decode(text, idx)
+    except RecursionError:
+        end = _value_end(text, idx)
+        tail = "" if end is not None else " (rest of the file not read)"
+        return RowIssue(ref, too_deep_reason() + tail), end
+    except json.JSONDecodeError as e:
+        reason = f"invalid JSON in item {item}: {_json_msg(e, f'line {e.lineno} column {e.colno}')}"
+        return RowIssue(ref, reason + " (rest of the file not read)"), None
+    bad = _BAD_BYTE.search(text, idx, end)
+    if bad:
+        return RowIssue(ref, f"invalid UTF-8: byte 0x{ord(bad.group()) - 0xDC00:02x}"), end
+    return _as_object(value, ref, f"item {item}"), end
+
+
+def _value_end(text: str, idx: int) -> int | None:
+    """Where the array or object starting at `idx` ends, found without recursion (None: never)."""
+    depth = 0
+    for match in _JSON_STRUCTURE.finditer(text, idx):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+            if depth == 0:
+                return match.end()
+    return None
 
 
 def _after_array(text: str, idx: int, name: str) -> Iterator[RowResult]:

@@ -6,14 +6,19 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config.schema import DataConfig
-from tunesmith.data.batch_tokenize import TokenizeSettings, tokenize_chunk
-from tunesmith.data.build import DataReport, FingerprintedTokenizer, load_source, source_template
+from tunesmith.data.batch_tokenize import TokenizeResult, tokenize_chunk
+from tunesmith.data.build import (
+    DataReport,
+    FingerprintedTokenizer,
+    load_source,
+    source_template,
+    tokenize_settings,
+)
 from tunesmith.data.conversation import Sample
 from tunesmith.data.errors import DataError
 from tunesmith.data.sources import resolve_files
 from tunesmith.data.streaming import StreamingRows
 from tunesmith.data.tokenize import TokenizedSample
-from tunesmith.data.validate import BadRowError
 
 
 def build_streaming(
@@ -25,7 +30,7 @@ def build_streaming(
             "set data.eval to a held-out file instead"
         )
     report = DataReport()
-    settings = TokenizeSettings(cfg.seq_len, method, cfg.train_on_prompt, cfg.mask_history, cfg.reasoning)
+    settings = tokenize_settings(cfg, tokenizer, method)
     tok = FingerprintedTokenizer(tokenizer)
     evaluation = [
         sample
@@ -41,14 +46,18 @@ def build_streaming(
             files.append((path, source.format))
             templates.append(template)
 
-    def tokenize(samples: list[Sample], file_index: int) -> list[TokenizedSample]:
-        result = tokenize_chunk(samples, tokenizer, templates[file_index], settings)
-        if result.failed and cfg.on_error == "raise":
-            raise BadRowError(result.failed[0])
-        report.truncated += result.truncated
-        report.skipped.extend(result.failed)
-        report.dropped.extend(result.dropped)
-        return result.block.to_samples()
+    def tokenize(samples: list[Sample], file_index: int) -> TokenizeResult:
+        return tokenize_chunk(samples, tokenizer, templates[file_index], settings)
 
-    rows = StreamingRows(files, tokenize, cfg.seq_len, cfg.packing, cfg.stream_block_rows, seed, cfg.on_error)
+    rows = StreamingRows(
+        files,
+        tokenize,
+        cfg.seq_len,
+        cfg.packing,
+        cfg.stream_block_rows,
+        seed,
+        cfg.on_error,
+        report=report,
+        max_dropped_fraction=cfg.max_dropped_fraction,
+    )
     return rows, evaluation, report

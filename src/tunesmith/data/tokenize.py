@@ -164,9 +164,50 @@ def _prefix_span(
     except TemplateError:  # some templates refuse a prefix (e.g. one that ends on a tool call)
         return None, None
     if not (full.startswith(through) and through.startswith(before)):
+        if is_assistant:
+            plain = render(tokenizer, template, messages[:i], tools, add_generation_prompt=False)
+            _refuse_reasoning_after_empty_block(before[len(plain) :], messages[i].get("content"), i)
         return None, through
-    end = len(through.rstrip()) if is_assistant else len(through)  # keep end-of-turn, drop newline
+    end = _reply_end(through, len(before), messages[i].get("content")) if is_assistant else len(through)
     return (len(before), max(end, len(before))), through
+
+
+def _refuse_reasoning_after_empty_block(generation_prompt: str, content: Any, i: int) -> None:
+    """A template whose generation prompt closes the reasoning block cannot train a reply with reasoning.
+
+    Qwen3's non-thinking mode (`qwen3_nothink`) prompts with an empty `<think></think>`; a reply that
+    brings its own reasoning would be trained as text the model is never prompted to write.
+    """
+    if _THINK_CLOSE not in generation_prompt or not isinstance(content, str):
+        return
+    if strip_reasoning(content) != content:
+        raise DataError(
+            f"message {i} holds reasoning (<think>...</think>), but this chat template's generation "
+            f"prompt writes an empty reasoning block (a non-thinking mode such as qwen3_nothink), so "
+            f"the reasoning would never be prompted for: set data.reasoning: strip to train the answers "
+            f"only, or use a thinking template (data.template: qwen3) to train the reasoning too"
+        )
+
+
+def _reply_end(through: str, start: int, content: Any) -> int:
+    """Where the reply that ends `through` ends: its content, then its end-of-turn marker only.
+
+    After the last message some templates also close the conversation (Phi-3 writes EOS after
+    "<|end|>\n"); that text is not the turn's, and it is not there when another turn follows.
+    """
+    if isinstance(content, str):
+        for candidate in _content_candidates(content):
+            at = through.rfind(candidate)
+            if at >= start:
+                end = at + len(candidate)
+                return end + len(_marker(through[end:]))
+    return len(through.rstrip())
+
+
+def _marker(tail: str) -> str:
+    """The end-of-turn text after a reply: any whitespace, then one run of non-space characters."""
+    match = re.match(r"\s*\S+", tail)
+    return match.group(0) if match else ""
 
 
 def _located_span(
@@ -198,7 +239,14 @@ def _located_span(
 def _content_candidates(content: str) -> list[str]:
     """How a template may have written the content: verbatim, trimmed, or without its reasoning."""
     out: list[str] = []
-    for text in (content, content.strip(), strip_reasoning(content), strip_reasoning(content).strip()):
+    after_reasoning = content.split(_THINK_CLOSE)[-1].lstrip("\n")  # how Qwen3 writes earlier replies
+    for text in (
+        content,
+        content.strip(),
+        after_reasoning,
+        strip_reasoning(content),
+        strip_reasoning(content).strip(),
+    ):
         if text and text not in out:
             out.append(text)
     return out
@@ -208,7 +256,7 @@ def _end_of_turn(through: str | None, content: str) -> str:
     if not through:
         return ""
     at = through.rfind(content)
-    return through[at + len(content) :].rstrip() if at >= 0 else ""
+    return _marker(through[at + len(content) :]) if at >= 0 else ""
 
 
 def _skip_past(full: str, content: Any, cursor: int) -> int:
@@ -248,13 +296,71 @@ def tokenize_conversation(
     return TokenizedSample(input_ids[:seq_len], labels[:seq_len], conv.source, truncated)
 
 
-def tokenize_text(tokenizer: Any, sample: TextSample, seq_len: int) -> list[TokenizedSample]:
-    """Raw text for continued pretraining: all tokens trained, end with EOS, long texts split into windows."""
+_FOLLOW_TOKENIZER: Any = object()
+
+
+def tokenize_text(
+    tokenizer: Any, sample: TextSample, seq_len: int, overlap: int = 0, bos: int | None = _FOLLOW_TOKENIZER
+) -> list[TokenizedSample]:
+    """Raw text for continued pretraining: EOS at the end, long texts split into windows.
+
+    Each window starts with BOS when the tokenizer adds one (`add_bos_token`: Llama, Gemma), as
+    the model saw every document during pretraining. Consecutive windows share `overlap` tokens;
+    in the later window those are context only (not trained), so every token is trained once.
+    `bos`: the id `bos_token_id(tokenizer)` gives, when the caller has it already.
+    """
+    if bos is _FOLLOW_TOKENIZER:
+        bos = bos_token_id(tokenizer)
     ids = list(tokenizer(sample.text, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    return [
-        TokenizedSample(ids[start : start + seq_len], ids[start : start + seq_len], sample.source)
-        for start in range(0, len(ids), seq_len)
-        if len(ids[start : start + seq_len]) > 1
-    ]
+    prefix = [] if bos is None else [bos]
+    size = seq_len - len(prefix)
+    check_overlap(overlap, seq_len, bos is not None)
+    out = []
+    for start, trained_from, end in text_windows(len(ids), size, overlap):
+        window = prefix + ids[start:end]
+        context = len(prefix) + trained_from - start  # BOS and the overlap are never targets
+        labels = [IGNORE_INDEX] * context + ids[trained_from:end]
+        if len(window) > 1:
+            out.append(TokenizedSample(window, labels, sample.source))
+    return out
+
+
+def text_windows(length: int, size: int, overlap: int) -> list[tuple[int, int, int]]:
+    """(start, first trained position, end) of each window over `length` tokens."""
+    windows: list[tuple[int, int, int]] = []
+    start, trained_from = 0, 0
+    while trained_from < length:
+        end = min(start + size, length)
+        windows.append((start, trained_from, end))
+        start, trained_from = end - overlap, end
+    return windows
+
+
+def bos_token_id(tokenizer: Any) -> int | None:
+    """The BOS id each document starts with, or None where the tokenizer adds none (SmolLM, Qwen).
+
+    `add_bos_token` decides; a tokenizer that does not expose it (or whose flag was not kept when
+    it was saved) still shows what it does when asked for special tokens: a BOS in front.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    if getattr(tokenizer, "add_bos_token", False):
+        return bos
+    with_special = list(tokenizer("x", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
+def check_overlap(overlap: int, seq_len: int, with_bos: bool) -> None:
+    """A window must add at least one new token, or splitting a document would never end."""
+    room = seq_len - 1 if with_bos else seq_len
+    if overlap < room:
+        return
+    bos = " minus the BOS token each window starts with" if with_bos else ""
+    raise DataError(
+        f"data.pretrain_overlap ({overlap}) must be smaller than data.seq_len ({seq_len}){bos}: "
+        f"set data.pretrain_overlap below {room}"
+    )
