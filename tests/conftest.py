@@ -125,5 +125,5 @@ def zero_step_model(cfg: Any) -> Any:
     set_seed(cfg.train.seed)
     attention = choose_attention(cfg.train.attention, "cpu")
     model, tokenizer, _ = load_model_and_tokenizer(cfg.model, attention=attention)
-    get_method(cfg.method).build_data(cfg.data, tokenizer)
+    get_method(cfg.method).prepare_data(cfg, tokenizer)
     return apply_adapter(model, cfg.adapter)

@@ -70,12 +70,12 @@ def test_interrupt_then_resume_is_bit_identical(adapter, stop_at, tiny_model_dir
 
 def test_epochs_end_where_the_data_ends(tiny_model_dirs, tmp_path):
     """Each micro-batch of a 2-epoch run comes from its own epoch: no step borrows from a third epoch."""
-    from tunesmith.training import loop
+    from tunesmith.training.batching import BatchStream
 
     data = write_chat_jsonl(tmp_path / "d.jsonl", ROWS)
     cfg = _config(tiny_model_dirs["llama"], data, tmp_path / "a", epochs=2, grad_accum=3)
     seen: list[int] = []
-    original = loop.BatchStream.micro_batch
+    original = BatchStream.micro_batch
 
     def record(self, index):
         if self.shuffle:
@@ -84,7 +84,7 @@ def test_epochs_end_where_the_data_ends(tiny_model_dirs, tmp_path):
 
     import unittest.mock
 
-    with unittest.mock.patch.object(loop.BatchStream, "micro_batch", record):
+    with unittest.mock.patch.object(BatchStream, "micro_batch", record):
         result = train(cfg, show_progress=False)
     # 5 micro-batches per epoch, 3 per step: steps take 3 + 2 in each epoch, 10 micro-batches in all.
     assert result.steps == 4

@@ -26,6 +26,8 @@ class MicroBatch:
     sources: list[str]
     trained_tokens: int
     real_tokens: int
+    units: int
+    """What the method's loss is summed over (see methods/base.py); for next-token methods, trained tokens."""
 
 
 def collate_rows(
@@ -36,11 +38,13 @@ def collate_rows(
     else:
         tensors = collate_padded([row[0] for row in rows], pad_id)
     flat = [sample for row in rows for sample in row]
+    trained = int((tensors["labels"][:, 1:] != IGNORE_INDEX).sum())
     return MicroBatch(
         tensors=tensors,
         sources=[str(s.source) for s in flat],
-        trained_tokens=int((tensors["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        trained_tokens=trained,
         real_tokens=sum(len(s.input_ids) for s in flat),
+        units=trained,
     )
 
 

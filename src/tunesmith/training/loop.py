@@ -15,10 +15,7 @@ import torch
 
 from tunesmith.config.load import dump_config
 from tunesmith.config.schema import LoraAdapter, RunConfig
-from tunesmith.data.build import BuiltData
-from tunesmith.data.streaming import StreamingRows
-from tunesmith.models.attention import packed_mask_kind
-from tunesmith.training.batching import BatchStream, MicroBatch, StreamingBatchStream
+from tunesmith.training.batching import MicroBatch
 from tunesmith.training.checkpoint import (
     NonFiniteWeights,
     TrainerState,
@@ -31,8 +28,8 @@ from tunesmith.training.checkpoint import (
 )
 from tunesmith.training.durable import write_text_atomic
 from tunesmith.training.errors import RunDirError, TrainingDiverged
-from tunesmith.training.losses import CausalLMWithLoss
 from tunesmith.training.methods import get_method
+from tunesmith.training.methods.base import Method, PreparedData
 from tunesmith.training.metrics import MetricsLog, plot_curves
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.precision import (
@@ -43,12 +40,7 @@ from tunesmith.training.precision import (
     store_frozen_linear_weights,
 )
 from tunesmith.training.progress import ProgressReporter
-from tunesmith.training.resume_policy import (
-    check_data,
-    compare_configs,
-    files_fingerprint,
-    samples_fingerprint,
-)
+from tunesmith.training.resume_policy import check_data, compare_configs
 from tunesmith.training.run_dir import RunLock, create_run_dir, prepare_run_dir, save_final
 
 log = logging.getLogger(__name__)
@@ -163,18 +155,9 @@ def _train_locked(
         cfg.model, trust_remote_code=cfg.trust_remote_code, attention=attention
     )
     method = get_method(cfg.method)
-    rows = None
-    if cfg.data.streaming:
-        from tunesmith.data.stream_build import build_streaming
-
-        rows, eval_samples, report = build_streaming(cfg.data, tokenizer, cfg.method, cfg.train.seed)
-        data = BuiltData([], eval_samples, report)
-    else:
-        data = method.build_data(cfg.data, tokenizer)
-    fingerprint = {
-        "config": cfg.model_dump(mode="json"),
-        "data": files_fingerprint(cfg) if cfg.data.streaming else samples_fingerprint(data.train),
-    }
+    prepared = method.prepare_data(cfg, tokenizer)
+    data = prepared.data
+    fingerprint = {"config": cfg.model_dump(mode="json"), "data": prepared.fingerprint}
     model = apply_adapter(model, cfg.adapter)
     low_precision_base = precision == "bf16" and isinstance(cfg.adapter, LoraAdapter)
     if low_precision_base:  # only the adapter is saved, so the base may live in bf16
@@ -193,11 +176,10 @@ def _train_locked(
         model,
         tokenizer,
         method,
-        data,
+        prepared,
         run_dir,
         show_progress,
         attention,
-        rows,
         precision=precision,
         fingerprint=fingerprint,
     )
@@ -231,12 +213,11 @@ class Trainer:
         accelerator: Any,
         model: torch.nn.Module,
         tokenizer: Any,
-        method: Any,
-        data: BuiltData,
+        method: Method,
+        prepared: PreparedData,
         run_dir: Path,
         show_progress: bool,
         attention: str = "sdpa",
-        stream_rows: StreamingRows | None = None,
         precision: str = "fp32",
         fingerprint: dict[str, Any] | None = None,
     ) -> None:
@@ -247,37 +228,13 @@ class Trainer:
         self.consecutive_overflows = 0
         self.zero_grad_steps = 0
         self.vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
-        pad_id, seq_len, packing = tokenizer.pad_token_id, cfg.data.seq_len, cfg.data.packing
-        block_mask = packed_mask_kind(attention)
-        self.stream: BatchStream | StreamingBatchStream = (
-            StreamingBatchStream(stream_rows, t.batch_size, pad_id, packing, block_mask)
-            if stream_rows is not None
-            else BatchStream(
-                data.train, t.batch_size, seq_len, pad_id, packing, t.seed, block_mask=block_mask
-            )
-        )
-        self.eval_stream = (
-            BatchStream(
-                data.eval,
-                t.batch_size,
-                seq_len,
-                pad_id,
-                packing,
-                t.seed,
-                shuffle=False,
-                block_mask=block_mask,
-            )
-            if data.eval
-            else None
-        )
-        data.report.packing_fill = self.stream.fill
+        self.stream, self.eval_stream = method.batches(prepared, cfg, tokenizer.pad_token_id, attention)
+        prepared.data.report.packing_fill = self.stream.fill
         self.total_micro = self._total_micro_batches()
         self.total_steps = t.max_steps or self._steps_until(self.total_micro)
         optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay)
         self.scheduler = build_scheduler(optimizer, t.scheduler, t.warmup_ratio, self.total_steps)
-        self.wrapped, self.optimizer = accelerator.prepare(
-            CausalLMWithLoss(model, t.loss_chunk_size), optimizer
-        )
+        self.wrapped, self.optimizer = accelerator.prepare(method.wrap_model(model, cfg), optimizer)
         self.reporter = ProgressReporter(
             self.total_steps, 0, enabled=show_progress and accelerator.is_main_process
         )
@@ -476,11 +433,12 @@ class Trainer:
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         count = self._micro_count(first)
         micro = [self.stream.micro_batch((first + i) * world + rank) for i in range(count)]
-        step_tokens = self._global_sum(sum(mb.trained_tokens for mb in micro))
-        scale = self.accelerator.num_processes / max(step_tokens, 1)
+        step_units = self._global_sum(sum(mb.units for mb in micro))
+        scale = self.accelerator.num_processes / max(step_units, 1)
         loss_total = 0.0
+        metric_sums: dict[str, float] = {}
         for i, mb in enumerate(micro):
-            loss_total += self._backward(mb, scale, sync=i == len(micro) - 1)
+            loss_total += self._backward(mb, scale, metric_sums, sync=i == len(micro) - 1)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer.optimizer)  # norms and clipping see the true gradients
         grad_norm = self._clip(t.max_grad_norm)
@@ -496,7 +454,7 @@ class Trainer:
             )
         else:
             self.consecutive_overflows = 0
-            self._check_not_collapsed(grad_norm, loss_total / self.accelerator.num_processes, step_tokens)
+            self._check_not_collapsed(grad_norm, loss_total / self.accelerator.num_processes, step_units)
         if self.scaler is not None:
             self.scaler.step(self.optimizer.optimizer)  # skips the update when gradients overflowed
             self.scaler.update()
@@ -519,6 +477,7 @@ class Trainer:
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "tokens": self.state.tokens_seen,
             "trained_tokens": self.state.trained_tokens_seen,
+            **self._metric_means(metric_sums, step_units),
             **({"skipped": True} if skipped else {}),
             **(
                 {"loss_scale": self.scaler.get_scale(), "overflow_steps": self.state.overflow_steps}
@@ -581,7 +540,15 @@ class Trainer:
             return ""
         return f"; checkpoints holding the collapsed weights were renamed *.collapsed ({len(dead)})"
 
-    def _backward(self, mb: MicroBatch, scale: float, sync: bool) -> float:
+    def _metric_means(self, sums: dict[str, float], step_units: int) -> dict[str, float]:
+        """A method's metrics (sums over its units) as means over the step's units on every process."""
+        if not sums:
+            return {}
+        names = sorted(sums)
+        values = [self._global_sum_float(sums[name]) for name in names]
+        return {name: value / max(step_units, 1) for name, value in zip(names, values, strict=True)}
+
+    def _backward(self, mb: MicroBatch, scale: float, metric_sums: dict[str, float], sync: bool) -> float:
         batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
         sync_context = self.accelerator.no_sync(self.wrapped) if not sync else contextlib.nullcontext()
         offload = (
@@ -592,6 +559,8 @@ class Trainer:
         with sync_context, offload, self._autocast():
             out = self.method.compute_loss(self.wrapped, batch)
             loss = out.loss_sum * scale
+        for name, value in out.metrics.items():
+            metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"step {self.state.step + 1}: loss is {loss.item()}; no checkpoint was written for it. "
