@@ -1,6 +1,7 @@
 """`tunesmith data preview|check`: look at training data before spending compute on it.
 
-Parsing and printing only; the work is in `tunesmith.data` (build, preview, validate).
+Parsing and printing only; the work is in `tunesmith.data` (build, preview, validate, and their
+preference-pair counterparts for the methods that train on pairs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ def add_data_parser(sub: Any) -> None:
     preview.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=512")
     preview.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
     preview.add_argument(
-        "--json", action="store_true", help="print one JSON object per sample (input_ids, labels, text)"
+        "--json",
+        action="store_true",
+        help="print one JSON object per sample (input_ids, labels, text; for pairs prompt_ids, "
+        "chosen_ids, rejected_ids and their text)",
     )
 
     check = commands.add_parser("check", help="validate every row of every source; exit 1 if any is bad")
@@ -41,6 +45,8 @@ def _preview(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = _load_tokenizer(cfg.model, cfg.trust_remote_code)
+    if _trains_on_pairs(cfg.method):
+        return _preview_pairs(args, cfg, tokenizer)
     built = build_data(cfg.data, tokenizer, cfg.method)
     shown = built.train[: max(0, args.n)]
     summary = summary_lines(built, cfg.data.seq_len, cfg.data.packing)
@@ -73,11 +79,55 @@ def _print_samples(tokenizer: Any, samples: list[Any], total: int) -> None:
         print(f"({legend})\n")
 
 
+def _preview_pairs(args: argparse.Namespace, cfg: Any, tokenizer: Any) -> int:
+    from tunesmith.data.preference import build_preference_data
+    from tunesmith.data.preference_preview import pair_record, pair_summary_lines
+
+    built = build_preference_data(cfg.data, tokenizer, cfg.method)
+    shown = built.train[: max(0, args.n)]
+    summary = pair_summary_lines(built)
+    if args.json:
+        for pair in shown:
+            print(json.dumps(pair_record(tokenizer, pair), ensure_ascii=False))
+        print("\n".join(summary), file=sys.stderr)
+        return 0
+    _print_pairs(tokenizer, shown, len(built.train))
+    print("\n".join(summary))
+    return 0
+
+
+def _print_pairs(tokenizer: Any, pairs: list[Any], total: int) -> None:
+    from rich.console import Console
+
+    from tunesmith.data.preference_preview import marked_pair, pair_header, rich_pair
+
+    console = Console(highlight=False)
+    for index, pair in enumerate(pairs):
+        header = pair_header(pair, index, total)
+        if console.is_terminal:
+            console.rule(header, align="left")
+            console.print(rich_pair(tokenizer, pair), soft_wrap=True)
+        else:
+            print(f"--- {header} ---")
+            print(marked_pair(tokenizer, pair))
+    if pairs:
+        legend = "scored tokens in green" if console.is_terminal else "scored tokens in [[...]]"
+        print(f"({legend})\n")
+
+
+def _trains_on_pairs(method: str) -> bool:
+    from tunesmith.data.preference_formats import PREFERENCE_METHODS
+
+    return method in PREFERENCE_METHODS
+
+
 def _check(args: argparse.Namespace) -> int:
     """Every bad row of every source as `file:line: reason`, then a summary; 1 if anything is bad.
 
     Each source is read with `read_samples(on_error="skip")`, which is what `check_files` does per
-    path, so that each source keeps its own format and its own `data.train[i]` label.
+    path, so that each source keeps its own format and its own `data.train[i]` label. A preference
+    method reads pairs; a pair kept but worth a look (chosen identical to rejected) is a note, not a
+    problem.
     """
     from tunesmith.config.load import load_config
     from tunesmith.data.errors import DataError
@@ -87,20 +137,24 @@ def _check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     sources = [(f"data.train[{i}]", s) for i, s in enumerate(cfg.data.train)]
     sources += [(f"data.eval[{i}]", s) for i, s in enumerate(cfg.data.eval)]
-    bad = rows = files = 0
+    pairs = _trains_on_pairs(cfg.method)
+    bad = rows = files = notes = 0
     for label, source in sources:
         try:
-            result = read_samples(source.path, source.format, "skip", label)
+            result = read_samples(source.path, source.format, "skip", label, pairs=pairs)
         except DataError as exc:  # the path itself: missing, unsupported, undetectable format
             print(exc)
             bad += 1
             continue
-        for issue in result.issues:
-            print(issue)
+        for issue in sorted(result.issues + result.notes, key=lambda i: (i.ref.file, i.ref.line)):
+            print(f"{issue.ref}: note: {issue.reason}" if issue in result.notes else issue)
         bad += len(result.issues)
+        notes += len(result.notes)
         rows += result.rows_read
         files += len(resolve_files(source.path, label))
     verdict = "all valid" if not bad else f"{bad} problem{'s' if bad != 1 else ''}"
+    if notes:
+        verdict += f", {notes} note{'s' if notes != 1 else ''}"
     print(
         f"checked {rows} rows in {files} file{'s' if files != 1 else ''} of {len(sources)} sources: {verdict}"
     )

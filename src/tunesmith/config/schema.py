@@ -57,7 +57,11 @@ Adapter = Annotated[LoraAdapter | FullAdapter | FreezeAdapter, Field(discriminat
 
 class DataSource(Section):
     path: str = Field(description="a local .jsonl/.json/.csv/.parquet/.txt file, a directory or a glob")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"] = Field(
+        default="auto",
+        description="preference: prompt + chosen + rejected (strings or messages), sharegpt "
+        "conversations + chosen + rejected, or OpenAI's input/preferred_output/non_preferred_output",
+    )
     template: str | None = Field(
         default=None, description="chat template for this source only; None: data.template"
     )
@@ -189,6 +193,23 @@ class TrainConfig(Section):
     )
 
 
+class DPOConfig(Section):
+    """Direct preference optimisation on chosen/rejected pairs (method: dpo)."""
+
+    beta: PositiveFloat = Field(default=0.1, description="strength of the pull towards the reference model")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        default="sigmoid",
+        description="sigmoid: the DPO paper; ipo: squared loss on length-averaged log-ratios; hinge: "
+        "SLiC; robust: unbiased under label noise (needs label_smoothing > 0)",
+    )
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        default=0.0, description="assumed fraction of pairs whose preference is flipped (cDPO, robust)"
+    )
+    rpo_alpha: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="weight of an added NLL term on the chosen answers (RPO); None: off"
+    )
+
+
 class OutputConfig(Section):
     dir: str = "runs/run"
     overwrite: bool = Field(default=False, description="allow writing into a non-empty run directory")
@@ -197,10 +218,11 @@ class OutputConfig(Section):
 class RunConfig(Section):
     model: str = Field(default="default", description="'default', a local HF model dir, or a .gguf file")
     trust_remote_code: bool = False
-    method: Literal["sft", "pretrain"] = "sft"
+    method: Literal["sft", "pretrain", "dpo"] = "sft"
     adapter: Adapter = Field(default_factory=LoraAdapter)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
@@ -226,6 +248,12 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _method_matches_data(self) -> RunConfig:
+        if self.method == "dpo" and self.data.streaming:
+            raise ValueError("data.streaming is not supported for method 'dpo' yet; load the pairs in memory")
+        if self.method == "dpo" and self.dpo.loss_type == "robust" and self.dpo.label_smoothing == 0:
+            raise ValueError("dpo.loss_type robust needs dpo.label_smoothing > 0 (the assumed flip rate)")
+        if self.method == "dpo" and self.dpo.loss_type in ("ipo", "hinge") and self.dpo.label_smoothing:
+            raise ValueError(f"dpo.label_smoothing has no meaning for dpo.loss_type {self.dpo.loss_type}")
         if self.method == "pretrain" and self.data.train_on_prompt:
             raise ValueError(
                 "data.train_on_prompt has no meaning for method 'pretrain' (every token is trained)"

@@ -7,6 +7,10 @@ that names the field, instead of failing or silently mis-training later. A bad r
 
 Optional keys that are present but null count as absent: Parquet fills a struct field a row does
 not have with null, and such rows must read the same as their JSON Lines twin.
+
+Preference pairs (format "preference") are detected here but converted by `preference_formats`,
+which builds them from the same message readers and rules; `to_sample` refuses them, because a
+pair is not one conversation.
 """
 
 from __future__ import annotations
@@ -21,6 +25,18 @@ from tunesmith.data.limits import TooDeep, loads_bounded, too_deep_reason, value
 FORMATS = ("alpaca", "sharegpt", "messages", "text")
 DEFAULT_MAX_CHARS = 10_000_000
 """Longest string accepted in one field (characters); longer is almost always a broken row."""
+
+PAIR_FORMAT = "preference"
+PAIR_KEYS = (
+    "prompt + chosen + rejected, conversations + chosen + rejected, "
+    "or input + preferred_output + non_preferred_output"
+)
+"""The keys of the preference layouts (`preference_formats`), for messages that list them."""
+_PAIR_MARKERS = ("chosen", "rejected", "preferred_output", "non_preferred_output")
+PAIR_REASON = (
+    "a preference pair (chosen/rejected), not a conversation: "
+    "train it with a preference method (dpo, simpo, orpo or reward)"
+)
 
 FORMAT_KEYS = {
     "messages": "messages",
@@ -56,10 +72,25 @@ class RowError(ValueError):
         self.reason = reason
 
 
-def detect_format(row: dict[str, Any]) -> str | None:
-    """The format a row's keys point to (messages > conversations > instruction/output > text)."""
+def is_preference_row(row: dict[str, Any]) -> bool:
+    """Whether a row carries the answers of a preference pair (a missing half is reported later)."""
+    return any(row.get(key) is not None for key in _PAIR_MARKERS)
+
+
+def detect_format(row: dict[str, Any], pairs: bool = False) -> str | None:
+    """The format a row's keys point to (messages > pair keys > conversations > instruction/output > text).
+
+    `pairs`: the caller trains on preference pairs, so only a pair counts. Otherwise a row with
+    `messages` is a conversation even when it also holds a pair (UltraFeedback-style rows carry both),
+    and a row with pair keys only is detected as "preference" so that the caller can refuse the file
+    with one clear message rather than every row with a wrong one.
+    """
+    if pairs:
+        return PAIR_FORMAT if is_preference_row(row) else None
     if row.get("messages") is not None:
         return "messages"
+    if is_preference_row(row):
+        return PAIR_FORMAT
     if row.get("conversations") is not None:
         return "sharegpt"
     if row.get("instruction") is not None and row.get("output") is not None:
@@ -71,6 +102,8 @@ def detect_format(row: dict[str, Any]) -> str | None:
 
 def to_sample(row: dict[str, Any], fmt: str, ref: RowRef, *, max_chars: int = DEFAULT_MAX_CHARS) -> Sample:
     """Convert and validate one row; raises `RowError` for a bad row, ValueError for a bad `fmt`."""
+    if fmt == PAIR_FORMAT:
+        raise RowError(PAIR_REASON)
     convert = _CONVERTERS.get(fmt)
     if convert is None:
         raise ValueError(f"unknown data format {fmt!r} (known: {', '.join(FORMATS)})")
@@ -112,7 +145,7 @@ def _check_len(value: str, where: str, max_chars: int) -> str:
     return value
 
 
-def _opt_str(obj: dict[str, Any], key: str, where: str, max_chars: int) -> str | None:
+def opt_str(obj: dict[str, Any], key: str, where: str, max_chars: int) -> str | None:
     value = obj.get(key)
     if value is None:
         return None
@@ -121,10 +154,10 @@ def _opt_str(obj: dict[str, Any], key: str, where: str, max_chars: int) -> str |
     return _check_len(value, _at(where, key), max_chars)
 
 
-def _req_str(obj: dict[str, Any], key: str, where: str, max_chars: int, *, nonempty: bool) -> str:
+def req_str(obj: dict[str, Any], key: str, where: str, max_chars: int, *, nonempty: bool) -> str:
     if key not in obj:
         raise RowError(f'{where + ": " if where else ""}missing key "{key}"')
-    value = _opt_str(obj, key, where, max_chars)
+    value = opt_str(obj, key, where, max_chars)
     if value is None:
         raise RowError(f"{_at(where, key)}: expected a string, got null")
     if nonempty and not value.strip():
@@ -132,18 +165,18 @@ def _req_str(obj: dict[str, Any], key: str, where: str, max_chars: int, *, nonem
     return value
 
 
-def _req_list(obj: dict[str, Any], key: str) -> list[Any]:
+def req_list(obj: dict[str, Any], key: str, where: str = "") -> list[Any]:
     if key not in obj:
-        raise RowError(f'missing key "{key}"')
+        raise RowError(f'{where + ": " if where else ""}missing key "{key}"')
     value = obj[key]
     if not isinstance(value, list):
-        raise RowError(f"{key}: expected an array, got {type_name(value)}")
+        raise RowError(f"{_at(where, key)}: expected an array, got {type_name(value)}")
     if not value:
-        raise RowError(f"{key}: empty array")
+        raise RowError(f"{_at(where, key)}: empty array")
     return value
 
 
-def _as_dict(value: Any, where: str) -> dict[str, Any]:
+def as_dict(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RowError(f"{where}: expected an object, got {type_name(value)}")
     return value
@@ -159,19 +192,20 @@ def _weight(obj: dict[str, Any], where: str) -> float | None:
     return float(value)
 
 
-def _tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+def tools_field(row: dict[str, Any], where: str = "") -> list[dict[str, Any]] | None:
     """Tool schemas: an array of objects, or that array as a JSON string (LLaMA-Factory style)."""
     value = row.get("tools")
     if value is None:
         return None
+    key = _at(where, "tools")
     if isinstance(value, str):
         if not value.strip():
             return None
-        value = _embedded_json(value, "tools")
+        value = _embedded_json(value, key)
     if not isinstance(value, list):
-        raise RowError(f"tools: expected an array, got {type_name(value)}")
+        raise RowError(f"{key}: expected an array, got {type_name(value)}")
     for i, tool in enumerate(value):
-        _as_dict(tool, f"tools[{i}]")
+        as_dict(tool, f"{key}[{i}]")
     return value or None
 
 
@@ -216,14 +250,19 @@ Turn = tuple[str, Message]
 """A message and the path that names it in the row (`messages[2]`)."""
 
 
-def _check_turns(turns: list[Turn], key: str) -> None:
-    """Rules every conversation must follow to be trainable, whatever its source format."""
+def check_order(turns: list[Turn]) -> None:
+    """Order rules for any run of messages: system first, no two user or assistant turns in a row."""
     for i, (where, msg) in enumerate(turns):
         if msg.role == "system" and i > 0:
             raise RowError(f"{where}: system message must come first")
         if msg.role in _NEEDS_CONTENT and i > 0 and turns[i - 1][1].role == msg.role:
             prev = turns[i - 1][0]
             raise RowError(f"{where}: two {msg.role} messages in a row ({prev} and {where})")
+
+
+def _check_turns(turns: list[Turn], key: str) -> None:
+    """Rules every conversation must follow to be trainable, whatever its source format."""
+    check_order(turns)
     assistants = [m for _, m in turns if m.role == "assistant"]
     if not assistants:
         raise RowError(f"{key}: no assistant message (nothing to train on)")
@@ -241,16 +280,16 @@ def _check_content(role: str, content: str, has_tool_calls: bool, where: str) ->
 
 
 def _from_messages(row: dict[str, Any], ref: RowRef, max_chars: int) -> Conversation:
-    items = _req_list(row, "messages")
-    turns = [_openai_message(item, f"messages[{i}]", max_chars) for i, item in enumerate(items)]
-    tools = _tools(row)
+    items = req_list(row, "messages")
+    turns = [openai_message(item, f"messages[{i}]", max_chars) for i, item in enumerate(items)]
+    tools = tools_field(row)
     _check_turns(turns, "messages")
     return Conversation(tuple(m for _, m in turns), ref, tools)
 
 
-def _openai_message(item: Any, where: str, max_chars: int) -> Turn:
-    obj = _as_dict(item, where)
-    raw_role = _req_str(obj, "role", where, max_chars, nonempty=False)
+def openai_message(item: Any, where: str, max_chars: int) -> Turn:
+    obj = as_dict(item, where)
+    raw_role = req_str(obj, "role", where, max_chars, nonempty=False)
     role = _OPENAI_ROLES.get(raw_role)
     if role is None:
         allowed = ", ".join(ROLES)
@@ -258,7 +297,7 @@ def _openai_message(item: Any, where: str, max_chars: int) -> Turn:
     tool_calls = _tool_calls(obj, role, where)
     content = _openai_content(obj, where, max_chars, may_be_null=bool(tool_calls))
     _check_content(role, content, bool(tool_calls), f"{where}.content")
-    name = _opt_str(obj, "name", where, max_chars)
+    name = opt_str(obj, "name", where, max_chars)
     return where, Message(role, content, _weight(obj, where), tool_calls, name)
 
 
@@ -271,7 +310,7 @@ def _tool_calls(obj: dict[str, Any], role: str, where: str) -> list[dict[str, An
     if value and role != "assistant":
         raise RowError(f"{where}.tool_calls: only assistant messages can have tool_calls")
     for i, call in enumerate(value):
-        _check_arguments(_as_dict(call, f"{where}.tool_calls[{i}]"), f"{where}.tool_calls[{i}]")
+        _check_arguments(as_dict(call, f"{where}.tool_calls[{i}]"), f"{where}.tool_calls[{i}]")
     return value or None
 
 
@@ -294,37 +333,37 @@ def _openai_content(obj: dict[str, Any], where: str, max_chars: int, *, may_be_n
 
 
 def _text_part(part: Any, where: str, max_chars: int) -> str:
-    obj = _as_dict(part, where)
+    obj = as_dict(part, where)
     kind = obj.get("type")
     if kind != "text":
         shown = json.dumps(kind) if isinstance(kind, str) else type_name(kind)
         raise RowError(f'{where}.type: unsupported content part {shown} (only "text" parts are supported)')
-    return _req_str(obj, "text", where, max_chars, nonempty=False)
+    return req_str(obj, "text", where, max_chars, nonempty=False)
 
 
 # --- sharegpt -----------------------------------------------------------------------------------
 
 
 def _from_sharegpt(row: dict[str, Any], ref: RowRef, max_chars: int) -> Conversation:
-    items = _req_list(row, "conversations")
-    turns = [_sharegpt_turn(item, f"conversations[{i}]", max_chars) for i, item in enumerate(items)]
-    system = _opt_str(row, "system", "", max_chars)
+    items = req_list(row, "conversations")
+    turns = [sharegpt_turn(item, f"conversations[{i}]", max_chars) for i, item in enumerate(items)]
+    system = opt_str(row, "system", "", max_chars)
     if system and system.strip():
         if turns[0][1].role == "system":
             raise RowError(f'{turns[0][0]}: system message given twice (also as top-level "system")')
         turns.insert(0, ("system", Message("system", system)))
-    tools = _tools(row)
+    tools = tools_field(row)
     _check_turns(turns, "conversations")
     return Conversation(tuple(m for _, m in turns), ref, tools)
 
 
-def _sharegpt_turn(item: Any, where: str, max_chars: int) -> Turn:
-    obj = _as_dict(item, where)
-    speaker = _req_str(obj, "from", where, max_chars, nonempty=False)
+def sharegpt_turn(item: Any, where: str, max_chars: int) -> Turn:
+    obj = as_dict(item, where)
+    speaker = req_str(obj, "from", where, max_chars, nonempty=False)
     role = _SHAREGPT_ROLES.get(speaker)
     if role is None:
         raise RowError(f'{where}.from: unknown role "{speaker}" (allowed: {_SHAREGPT_SHOWN})')
-    value = _req_str(obj, "value", where, max_chars, nonempty=False)
+    value = req_str(obj, "value", where, max_chars, nonempty=False)
     _check_content(role, value, False, f"{where}.value")
     return where, Message(role, value, _weight(obj, where))
 
@@ -333,10 +372,10 @@ def _sharegpt_turn(item: Any, where: str, max_chars: int) -> Turn:
 
 
 def _from_alpaca(row: dict[str, Any], ref: RowRef, max_chars: int) -> Conversation:
-    instruction = _req_str(row, "instruction", "", max_chars, nonempty=True)
-    extra = _opt_str(row, "input", "", max_chars)
-    output = _req_str(row, "output", "", max_chars, nonempty=True)
-    system = _opt_str(row, "system", "", max_chars)
+    instruction = req_str(row, "instruction", "", max_chars, nonempty=True)
+    extra = opt_str(row, "input", "", max_chars)
+    output = req_str(row, "output", "", max_chars, nonempty=True)
+    system = opt_str(row, "system", "", max_chars)
     user = instruction + "\n\n" + extra if extra and extra.strip() else instruction
     messages = [Message("system", system)] if system and system.strip() else []
     messages += _alpaca_history(row, max_chars)
@@ -370,7 +409,7 @@ def _alpaca_history(row: dict[str, Any], max_chars: int) -> list[Message]:
 
 
 def _from_text(row: dict[str, Any], ref: RowRef, max_chars: int) -> TextSample:
-    return TextSample(_req_str(row, "text", "", max_chars, nonempty=True), ref)
+    return TextSample(req_str(row, "text", "", max_chars, nonempty=True), ref)
 
 
 _CONVERTERS: dict[str, Callable[[dict[str, Any], RowRef, int], Sample]] = {

@@ -1,15 +1,21 @@
-"""Training methods by name; each turns a batch into a loss."""
+"""Training methods by name; each owns its data, batches and loss (see base.py)."""
 
 from __future__ import annotations
 
 from tunesmith.training.methods.base import Method
 
+METHODS = {
+    "sft": "tunesmith.training.methods.sft:SFT",
+    "pretrain": "tunesmith.training.methods.pretrain:Pretrain",
+    "dpo": "tunesmith.training.methods.dpo:DPO",
+}
+"""Each method's class, imported only when it is used."""
+
 
 def get_method(name: str) -> Method:
-    from tunesmith.training.methods.pretrain import Pretrain
-    from tunesmith.training.methods.sft import SFT
+    import importlib
 
-    methods: dict[str, type] = {"sft": SFT, "pretrain": Pretrain}
-    if name not in methods:
-        raise ValueError(f"method: unknown method {name!r} (available: {', '.join(methods)})")
-    return methods[name]()
+    if name not in METHODS:
+        raise ValueError(f"method: unknown method {name!r} (available: {', '.join(METHODS)})")
+    module, _, cls = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()

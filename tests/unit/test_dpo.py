@@ -1,0 +1,104 @@
+"""DPO on the one loop: ln 2 at the start, separable pairs learned, exact accumulation and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import base_config
+from tunesmith.config.load import load_config
+from tunesmith.training.loop import train
+
+PAIRS = [
+    (f"Question {i}: is the sky blue?", f"Yes, it is blue {i}.", f"No idea, maybe green {i}.")
+    for i in range(12)
+]
+
+
+def _pairs_file(path: Path) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for prompt, chosen, rejected in PAIRS:
+            handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    return path
+
+
+def _cfg(model_dir: Path, data: Path, out: Path, adapter: str = "lora", **train_overrides) -> dict:
+    cfg = base_config(
+        model_dir,
+        data,
+        out,
+        adapter={"type": "full"} if adapter == "full" else {"type": "lora", "r": 8, "alpha": 16},
+        train={"batch_size": 4, "lr": 5e-3 if adapter == "lora" else 1e-3, **train_overrides},
+    )
+    cfg["method"] = "dpo"
+    cfg["data"]["eval_split"] = 0.0
+    return cfg
+
+
+def _rows(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if "loss" in row]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_first_step_loss_is_ln2_with_zero_rewards(adapter, tiny_model_dirs, tmp_path):
+    """Policy == reference before the first update: every log-ratio is 0, so the loss is ln 2."""
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_model_dirs["llama"], _pairs_file(tmp_path / "p.jsonl"), run, adapter, max_steps=2)
+    train(load_config(cfg), show_progress=False)
+    first = _rows(run)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert _rows(run)[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # the update moved the policy
+
+
+def test_separable_pairs_are_learned(tiny_model_dirs, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(
+        tiny_model_dirs["qwen2"], _pairs_file(tmp_path / "p.jsonl"), run, epochs=8, scheduler="constant"
+    )
+    train(load_config(cfg), show_progress=False)
+    rows = _rows(run)
+    assert len(rows) == 24
+    assert rows[-1]["loss"] < 0.5 * math.log(2), [r["loss"] for r in rows]
+    assert min(r["rewards/accuracies"] for r in rows[-3:]) > 0.9
+    assert rows[-1]["rewards/margins"] > 0
+
+
+def test_accumulation_equals_the_bigger_batch(tiny_model_dirs, tmp_path):
+    data = _pairs_file(tmp_path / "p.jsonl")
+    model_dir = tiny_model_dirs["mistral"]
+    big = train(load_config(_cfg(model_dir, data, tmp_path / "a", batch_size=4)), show_progress=False)
+    acc = train(
+        load_config(_cfg(model_dir, data, tmp_path / "b", batch_size=2, grad_accum=2)), show_progress=False
+    )
+    assert big.steps == acc.steps == 3
+    assert big.losses == pytest.approx(acc.losses, abs=1e-6)
+
+
+def test_resume_is_exact(tiny_model_dirs, tmp_path):
+    data = _pairs_file(tmp_path / "p.jsonl")
+    model_dir = tiny_model_dirs["llama"]
+    straight = train(load_config(_cfg(model_dir, data, tmp_path / "a", epochs=2)), show_progress=False)
+    first = train(
+        load_config(_cfg(model_dir, data, tmp_path / "b", epochs=2)), show_progress=False, stop_after_step=2
+    )
+    resumed_cfg = _cfg(model_dir, data, tmp_path / "b", epochs=2, resume="auto")
+    second = train(load_config(resumed_cfg), show_progress=False)
+    assert first.losses + second.losses == straight.losses
+
+
+def test_example_config_and_pairs_load(tokenizer, monkeypatch):
+    """examples/dpo.yaml is valid and every example pair tokenizes (none skipped or dropped)."""
+    from tunesmith.data.preference import build_preference_data
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the example's paths are repo-relative
+    cfg = load_config("examples/dpo.yaml")
+    assert cfg.method == "dpo"
+    built = build_preference_data(cfg.data, tokenizer, "dpo")
+    assert len(built.train) + len(built.eval) == 16
+    assert all(pair.chosen_ids and pair.rejected_ids for pair in built.train)
