@@ -48,6 +48,14 @@ def collate_rows(
     )
 
 
+def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The order an epoch visits `count` units in: a permutation seeded by (seed, epoch) alone."""
+    if not shuffle:
+        return list(range(count))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=generator).tolist()
+
+
 class BatchStream:
     def __init__(
         self,
@@ -75,10 +83,7 @@ class BatchStream:
         self.per_epoch = math.ceil(len(self.units) / batch_size)
 
     def _order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.units)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.units), generator=generator).tolist()
+        return epoch_order(len(self.units), self.seed, epoch, self.shuffle)
 
     def micro_batch(self, index: int) -> MicroBatch:
         epoch, position = divmod(index, self.per_epoch)

@@ -19,6 +19,16 @@ from tunesmith.data.tokenize import IGNORE_INDEX
 from tunesmith.models.attention import packed_layer_masks, packed_mask_kind
 
 
+def head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
+) -> torch.Tensor:
+    """The LM head's logits in fp32 (losses are never taken from bf16 logits), soft-capped if the model does."""
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 def _head_ce_sum(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -26,10 +36,7 @@ def _head_ce_sum(
     bias: torch.Tensor | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(head_logits(hidden, weight, bias, softcap), targets, reduction="sum")
 
 
 def chunked_lm_loss_sum(

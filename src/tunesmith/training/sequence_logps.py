@@ -9,12 +9,11 @@ many pairs share one padding-free row. The LM head runs over labelled positions 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.tokenize import IGNORE_INDEX
-from tunesmith.training.losses import CausalLMWithLoss
+from tunesmith.training.losses import CausalLMWithLoss, head_logits
 
 
 def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -29,9 +28,7 @@ def _token_logps(
     bias: torch.Tensor | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = head_logits(hidden, weight, bias, softcap)
     return torch.gather(logits.log_softmax(-1), 1, targets[:, None])[:, 0]
 
 

@@ -22,7 +22,7 @@ from tunesmith.data.packing import collate_packed
 from tunesmith.data.preference import TokenizedPair, build_preference_data
 from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample
 from tunesmith.models.attention import packed_mask_kind
-from tunesmith.training.batching import MicroBatch
+from tunesmith.training.batching import MicroBatch, epoch_order
 from tunesmith.training.methods.base import BatchSource, LossOutput, PreparedData
 from tunesmith.training.methods.preference_losses import dpo_loss
 from tunesmith.training.resume_policy import samples_fingerprint
@@ -73,10 +73,7 @@ class PairStream:
         self.per_epoch = math.ceil(len(pairs) / batch_size)
 
     def _order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.pairs)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.pairs), generator=generator).tolist()
+        return epoch_order(len(self.pairs), self.seed, epoch, self.shuffle)
 
     def micro_batch(self, index: int) -> MicroBatch:
         epoch, position = divmod(index, self.per_epoch)
