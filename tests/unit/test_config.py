@@ -17,7 +17,10 @@ BASE = {"data": {"train": [{"path": "x.jsonl"}]}}
         ("train.lr=fast", 'train.lr: expected a positive number, got "fast"'),
         ("train.lr=-0.1", "train.lr: expected a positive number, got -0.1"),
         ("train.batch_size=two", 'train.batch_size: expected a positive integer, got "two"'),
-        ("method=dpoo", "method: expected one of 'sft', 'pretrain' or 'dpo', got \"dpoo\""),
+        (
+            "method=dpoo",
+            "method: expected one of 'sft', 'pretrain', 'dpo', 'simpo', 'orpo', 'kto', 'reward' or 'grpo', got \"dpoo\"",
+        ),
         ("adapter.type=qlora", "adapter: expected type one of 'lora', 'full', 'freeze', got \"qlora\""),
         ("trian.lr=1", "trian: unknown key"),
         ("train.learning_rate=1", "train.learning_rate: unknown key"),
@@ -71,3 +74,28 @@ def test_schema_lists_every_section():
     schema = config_schema()
     json.dumps(schema)
     assert {"model", "method", "adapter", "data", "train", "output"} <= set(schema["properties"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=dpo", "kto.beta=0.2"], "a kto: section is set but method is 'dpo'; set method: kto"),
+        (["dpo.beta=0.2"], "a dpo: section is set but method is 'sft'"),
+        (["method=grpo"], "method grpo needs a grpo: section with its reward functions"),
+        (["method=grpo", "grpo.rewards=[]"], "grpo.rewards: grpo needs at least one reward function"),
+        (["method=kto", "data.streaming=true", "train.max_steps=5"], "not supported for method 'kto'"),
+    ],
+)
+def test_method_sections_must_match_the_method(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(BASE, overrides)
+    assert message in str(caught.value)
+    assert "got dict" not in str(caught.value)
+
+
+def test_grpo_section_with_a_reward_function_loads():
+    cfg = load_config(
+        BASE, ["method=grpo", 'grpo.rewards=[{"function": "regex", "args": {"pattern": "[0-9]+"}}]']
+    )
+    assert cfg.grpo is not None and cfg.grpo.rewards[0].args == {"pattern": "[0-9]+"}
+    assert cfg.grpo.num_generations == 4

@@ -173,6 +173,9 @@ def _describe(err: dict[str, Any]) -> str:
             kind, "a mapping"
         )
         return f"expected {expected}, got {shown}"
+    if kind == "value_error":  # our own validators: the message already says what is wrong
+        message = str(err["msg"]).removeprefix("Value error, ")
+        return message if shown in {"dict", "list"} else f"{message}, got {shown}"
     return f"{err['msg']}, got {shown}"
 
 

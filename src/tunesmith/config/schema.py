@@ -57,10 +57,12 @@ Adapter = Annotated[LoraAdapter | FullAdapter | FreezeAdapter, Field(discriminat
 
 class DataSource(Section):
     path: str = Field(description="a local .jsonl/.json/.csv/.parquet/.txt file, a directory or a glob")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"] = Field(
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "kto", "prompts"] = Field(
         default="auto",
         description="preference: prompt + chosen + rejected (strings or messages), sharegpt "
-        "conversations + chosen + rejected, or OpenAI's input/preferred_output/non_preferred_output",
+        "conversations + chosen + rejected, or OpenAI's input/preferred_output/non_preferred_output; "
+        "kto: prompt + completion + label (or messages + label); prompts: prompt or messages, other "
+        "columns passed to GRPO's reward functions",
     )
     template: str | None = Field(
         default=None, description="chat template for this source only; None: data.template"
@@ -208,6 +210,98 @@ class DPOConfig(Section):
     rpo_alpha: Annotated[float, Field(ge=0)] | None = Field(
         default=None, description="weight of an added NLL term on the chosen answers (RPO); None: off"
     )
+    precompute_ref: bool = Field(
+        default=False,
+        description="compute the reference log-probs once before training and keep them with the data "
+        "(full/freeze tuning then needs no frozen copy of the model)",
+    )
+
+
+class SimPOConfig(Section):
+    """Reference-free preference optimisation on length-averaged log-probs (method: simpo)."""
+
+    beta: PositiveFloat = Field(default=2.0, description="scale of the length-averaged log-prob rewards")
+    gamma: NonNegFloat = Field(
+        default=1.0, description="target reward margin (the paper's gamma; gamma/beta = 0.5)"
+    )
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        default=0.0, description="assumed fraction of flipped preferences (conservative form)"
+    )
+
+
+class ORPOConfig(Section):
+    """SFT on the chosen answer plus an odds-ratio preference term, no reference (method: orpo)."""
+
+    beta: PositiveFloat = Field(default=0.1, description="weight of the odds-ratio term (the paper's lambda)")
+
+
+class KTOConfig(Section):
+    """Kahneman-Tversky optimisation on single completions labelled good or bad (method: kto)."""
+
+    beta: PositiveFloat = Field(default=0.1, description="strength of the pull towards the reference model")
+    desirable_weight: PositiveFloat = Field(
+        default=1.0, description="loss weight of desirable (label true) rows"
+    )
+    undesirable_weight: PositiveFloat = Field(
+        default=1.0, description="loss weight of undesirable rows; raise it when they are rarer"
+    )
+    precompute_ref: bool = Field(
+        default=False,
+        description="compute the reference log-probs once before training (see dpo.precompute_ref)",
+    )
+
+
+class RewardModelConfig(Section):
+    """A scalar-head reward model trained on preference pairs (method: reward)."""
+
+    center_rewards_coefficient: NonNegFloat | None = Field(
+        default=None, description="adds c (r_chosen + r_rejected)^2, keeping scores centred at 0; None: off"
+    )
+
+
+class RewardFunction(Section):
+    function: str = Field(
+        description="a built-in (regex, exact_match, length_penalty) or a callable 'package.module:name'"
+    )
+    weight: float = Field(default=1.0, description="this function's weight in the summed reward")
+    args: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="keyword arguments for the function, e.g. {pattern: '...'}"
+    )
+
+
+class GRPOConfig(Section):
+    """Group relative policy optimisation with reward functions (method: grpo)."""
+
+    num_generations: Annotated[int, Field(ge=2)] = Field(
+        default=4, description="completions sampled per prompt; advantages are normalised within them"
+    )
+    max_completion_length: PositiveInt = 64
+    temperature: PositiveFloat = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    epsilon: PositiveFloat = Field(default=0.2, description="clip range of the policy ratio")
+    epsilon_high: PositiveFloat | None = Field(default=None, description="upper clip range; None: epsilon")
+    beta: NonNegFloat = Field(
+        default=0.0, description="weight of the KL penalty to the reference; 0 skips the reference pass"
+    )
+    loss_type: Literal["grpo", "dr_grpo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group", description="divide advantages by the group's std, the batch's, or not at all"
+    )
+    rewards: list[RewardFunction] = Field(
+        default_factory=list, description="reward functions, summed with their weights"
+    )
+    log_completions_every: PositiveInt | None = Field(
+        default=10, description="steps between writes of sample completions to completions.jsonl; None: never"
+    )
+
+    @field_validator("rewards")
+    @classmethod
+    def _at_least_one(cls, value: list[RewardFunction]) -> list[RewardFunction]:
+        if not value:
+            raise ValueError(
+                "grpo needs at least one reward function, e.g. [{function: exact_match, args: {column: answer}}]"
+            )
+        return value
 
 
 class OutputConfig(Section):
@@ -215,14 +309,25 @@ class OutputConfig(Section):
     overwrite: bool = Field(default=False, description="allow writing into a non-empty run directory")
 
 
+METHOD_SECTIONS = ("dpo", "simpo", "orpo", "kto", "reward", "grpo")
+"""Methods with a settings section of the same name."""
+
+
 class RunConfig(Section):
     model: str = Field(default="default", description="'default', a local HF model dir, or a .gguf file")
     trust_remote_code: bool = False
-    method: Literal["sft", "pretrain", "dpo"] = "sft"
+    method: Literal["sft", "pretrain", "dpo", "simpo", "orpo", "kto", "reward", "grpo"] = "sft"
     adapter: Adapter = Field(default_factory=LoraAdapter)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    simpo: SimPOConfig = Field(default_factory=SimPOConfig)
+    orpo: ORPOConfig = Field(default_factory=ORPOConfig)
+    kto: KTOConfig = Field(default_factory=KTOConfig)
+    reward: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    grpo: GRPOConfig | None = Field(
+        default=None, description="required for method grpo (its reward functions)"
+    )
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
@@ -247,9 +352,26 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _method_section_matches_method(self) -> RunConfig:
+        """A `kto:` section under `method: dpo` is a mistake the run would otherwise silently ignore."""
+        for name in METHOD_SECTIONS:
+            if name in self.model_fields_set and name != self.method:
+                raise ValueError(
+                    f"a {name}: section is set but method is {self.method!r}; set method: {name}"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _method_matches_data(self) -> RunConfig:
-        if self.method == "dpo" and self.data.streaming:
-            raise ValueError("data.streaming is not supported for method 'dpo' yet; load the pairs in memory")
+        if self.method not in ("sft", "pretrain") and self.data.streaming:
+            raise ValueError(
+                f"data.streaming is not supported for method '{self.method}' yet; load the rows in memory"
+            )
+        if self.method == "grpo" and self.grpo is None:
+            raise ValueError(
+                "method grpo needs a grpo: section with its reward functions, e.g. "
+                "grpo: {rewards: [{function: exact_match, args: {column: answer}}]}"
+            )
         if self.method == "dpo" and self.dpo.loss_type == "robust" and self.dpo.label_smoothing == 0:
             raise ValueError("dpo.loss_type robust needs dpo.label_smoothing > 0 (the assumed flip rate)")
         if self.method == "dpo" and self.dpo.loss_type in ("ipo", "hinge") and self.dpo.label_smoothing:

@@ -8,6 +8,11 @@ METHODS = {
     "sft": "tunesmith.training.methods.sft:SFT",
     "pretrain": "tunesmith.training.methods.pretrain:Pretrain",
     "dpo": "tunesmith.training.methods.dpo:DPO",
+    "simpo": "tunesmith.training.methods.simpo:SimPO",
+    "orpo": "tunesmith.training.methods.orpo:ORPO",
+    "kto": "tunesmith.training.methods.kto:KTO",
+    "reward": "tunesmith.training.methods.reward:RewardModel",
+    "grpo": "tunesmith.training.methods.grpo:GRPO",
 }
 """Each method's class, imported only when it is used."""
 
