@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,18 +14,50 @@ from tunesmith.config.load import load_config
 from tunesmith.config.schema import LoraAdapter
 from tunesmith.models.adapters import apply_adapter
 from tunesmith.models.load import load_model
-from tunesmith.training import precision as precision_module
+from tunesmith.training import precision_probe
 from tunesmith.training.loop import train
 from tunesmith.training.losses import CausalLMWithLoss, chunked_lm_loss_sum
-from tunesmith.training.precision import resolve_precision, restore_fp32, store_frozen_linear_weights
+from tunesmith.training.precision import (
+    choose_precision,
+    resolve_precision,
+    restore_fp32,
+    store_frozen_linear_weights,
+)
 
 
-@pytest.mark.parametrize(("amx", "expected"), [(True, "bf16"), (False, "fp32")])
-def test_auto_picks_bf16_only_on_cpus_with_amx(monkeypatch, amx, expected):
-    monkeypatch.setattr(precision_module, "cpu_has_amx_bf16", lambda: amx)
-    assert resolve_precision("auto", "cpu") == expected
+@pytest.mark.parametrize(
+    ("speedup", "expected"), [(6.1, "bf16"), (4.6, "bf16"), (1.4, "fp32"), (0.3, "fp32")]
+)
+def test_auto_follows_the_measured_bf16_speedup(monkeypatch, speedup, expected):
+    """AMX (~6x), AVX512_BF16 (~4.6x), marginal and emulated bf16: the measured ratio decides."""
+    monkeypatch.setattr(precision_probe, "cpu_bf16_speedup", lambda: speedup)
+    choice = choose_precision("auto", "cpu")
+    assert choice.precision == expected
+    assert f"{speedup:.1f}x fp32" in choice.reason
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_probe_measures_once_and_reads_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(precision_probe, "measure_bf16_speedup", lambda: calls.append(1) or 3.25)
+    precision_probe.cpu_bf16_speedup.cache_clear()
+    try:
+        assert precision_probe.cpu_bf16_speedup() == 3.25
+        precision_probe.cpu_bf16_speedup.cache_clear()  # a new process: only the file remembers
+        assert precision_probe.cpu_bf16_speedup() == 3.25
+        assert calls == [1]
+        stored = json.loads((tmp_path / "probe" / "bf16_speedup.json").read_text())
+        assert [entry["speedup"] for entry in stored.values()] == [3.25]
+        assert precision_probe.cpu_model_name() in next(iter(stored))
+    finally:
+        precision_probe.cpu_bf16_speedup.cache_clear()
+
+
+def test_probe_measures_a_positive_ratio():
+    ratio = precision_probe.measure_bf16_speedup(shape=(64, 64, 64), budget_s=0.01)
+    assert 0 < ratio < 100
 
 
 def _lora_model(model_dir):

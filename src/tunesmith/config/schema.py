@@ -171,7 +171,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",
         description="auto: bf16 (autocast, fp32 trainable weights) on GPUs that support it and on CPUs "
-        "with AMX; fp32 elsewhere. fp16: autocast with dynamic loss scaling (overflowing steps are "
+        "where a measured bf16 matmul is at least 2x fp32 (AMX, AVX512_BF16); fp32 elsewhere. fp16: autocast with dynamic loss scaling (overflowing steps are "
         "skipped and counted); meant for GPUs without bf16",
     )
     gradient_checkpointing: bool = False

@@ -1,14 +1,15 @@
 """Which numeric precision a run computes in, and keeping frozen weights in it.
 
-bf16 pays wherever the hardware has bf16 matrix units: CUDA GPUs from Ampere on, and CPUs with
-AMX (Intel Xeon from Sapphire Rapids on), where a bf16 matmul runs 7-10x faster than fp32 (see
-docs/benchmarks.md). Elsewhere bf16 on a CPU is emulated and slower, so `auto` keeps fp32 there.
+bf16 pays wherever the hardware runs bf16 matmuls natively: CUDA GPUs from Ampere on, CPUs with
+AMX (~6x fp32) or AVX512_BF16 (~4.6x). Elsewhere bf16 on a CPU is emulated and slower, so on a
+CPU `auto` decides by a measured bf16/fp32 matmul ratio (training/precision_probe.py), never by a flag.
 Mixed precision here always means fp32 trainable weights and optimizer state, bf16 matmuls
 under autocast, and a loss computed in fp32.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,24 +18,42 @@ from torch import nn
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
-def cpu_has_amx_bf16() -> bool:
-    """True on CPUs with AMX tiles (bf16 matrix units); torch's own probe, absent in old builds."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+BF16_MIN_SPEEDUP = 2.0
+"""bf16 matmuls must be at least this much faster than fp32 for `auto` to train in bf16 on a CPU.
+
+A step gains less than its matmuls do (casts, norms and attention stay), so a marginal ratio would
+buy rounding noise for little speed."""
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: Precision
+    reason: str
+    """Why, for the run's first lines: e.g. 'auto: bf16 matmul measured 4.6x fp32 on AMD EPYC'."""
+
+
+def choose_precision(requested: str, device_type: str) -> PrecisionChoice:
+    """`auto` becomes bf16 on bf16-capable GPUs and on CPUs where bf16 measures clearly faster."""
+    if requested != "auto":
+        return PrecisionChoice(requested, "as configured")  # type: ignore[arg-type]
+    if device_type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16", "auto: the GPU supports bf16")
+        return PrecisionChoice("fp32", "auto: the GPU has no bf16")
+    if device_type == "cpu":
+        from tunesmith.training.precision_probe import cpu_bf16_speedup, cpu_model_name
+
+        speedup = cpu_bf16_speedup()
+        measured = f"bf16 matmul measured {speedup:.1f}x fp32 on {cpu_model_name()}"
+        if speedup >= BF16_MIN_SPEEDUP:
+            return PrecisionChoice("bf16", f"auto: {measured}")
+        return PrecisionChoice("fp32", f"auto: {measured}, below the {BF16_MIN_SPEEDUP:g}x that pays")
+    return PrecisionChoice("fp32", f"auto: fp32 on {device_type}")
 
 
 def resolve_precision(requested: str, device_type: str) -> Precision:
-    """`auto` becomes bf16 on bf16-capable GPUs and AMX CPUs, fp32 otherwise; others pass through."""
-    if requested != "auto":
-        return requested  # type: ignore[return-value]
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device_type == "cpu":
-        return "bf16" if cpu_has_amx_bf16() else "fp32"
-    return "fp32"
+    """The precision alone (see `choose_precision`)."""
+    return choose_precision(requested, device_type).precision
 
 
 def accelerate_mixed_precision(precision: Precision) -> str:
