@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tunesmith.config.load import ConfigError, config_schema, load_config
+from tunesmith.config.load import ConfigError, config_schema, dump_config, load_config
 
 BASE = {"data": {"train": [{"path": "x.jsonl"}]}}
 
@@ -99,3 +99,16 @@ def test_grpo_section_with_a_reward_function_loads():
     )
     assert cfg.grpo is not None and cfg.grpo.rewards[0].args == {"pattern": "[0-9]+"}
     assert cfg.grpo.num_generations == 4
+
+
+@pytest.mark.parametrize("method", ["sft", "pretrain", "dpo", "simpo", "orpo", "kto", "reward", "grpo"])
+def test_the_dumped_config_of_every_method_loads_back(method, tmp_path):
+    """A run's config.yaml is what `--resume` reads: it must hold only its own method's section."""
+    overrides = [f"method={method}"]
+    if method == "grpo":
+        overrides.append('grpo.rewards=[{"function": "regex", "args": {"pattern": "yes"}}]')
+    cfg = load_config(BASE, overrides)
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path)
+    assert again == cfg

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from tunesmith.config.schema import RunConfig
+from tunesmith.config.schema import METHOD_SECTIONS, RunConfig
 
 
 class ConfigError(ValueError):
@@ -197,4 +197,6 @@ def config_schema() -> dict[str, Any]:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML that loads back: only the chosen method's settings section."""
+    others = {name for name in METHOD_SECTIONS if name != cfg.method}
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=others), sort_keys=False)
