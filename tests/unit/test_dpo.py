@@ -102,3 +102,82 @@ def test_example_config_and_pairs_load(tokenizer, monkeypatch):
     built = build_preference_data(cfg.data, tokenizer, "dpo")
     assert len(built.train) + len(built.eval) == 16
     assert all(pair.chosen_ids and pair.rejected_ids for pair in built.train)
+
+
+# ------------------------------------------------------------------------- dpo.precompute_ref
+
+
+def _counting_deepcopy(monkeypatch, allowed: bool) -> list[int]:
+    """Count (or forbid) the frozen reference copy DPO makes for full/freeze tuning."""
+    import copy
+    import types
+
+    from tunesmith.training.methods import dpo
+
+    calls: list[int] = []
+
+    def deepcopy(obj, memo=None):
+        calls.append(1)
+        if not allowed:
+            raise AssertionError("dpo.precompute_ref made a copy of the model")
+        return copy.deepcopy(obj, memo)
+
+    monkeypatch.setattr(dpo, "copy", types.SimpleNamespace(deepcopy=deepcopy))
+    return calls
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_precompute_ref_gives_the_live_reference_losses(adapter, tiny_model_dirs, tmp_path, monkeypatch):
+    data = _pairs_file(tmp_path / "p.jsonl")
+    model_dir = tiny_model_dirs["llama"]
+    live_copies = _counting_deepcopy(monkeypatch, allowed=True)
+    live = train(load_config(_cfg(model_dir, data, tmp_path / "a", adapter, epochs=2)), show_progress=False)
+    assert len(live_copies) == (1 if adapter == "full" else 0)  # the live path's frozen copy (control)
+
+    _counting_deepcopy(monkeypatch, allowed=False)
+    cfg = _cfg(model_dir, data, tmp_path / "b", adapter, epochs=2)
+    cfg["dpo"] = {"precompute_ref": True}
+    precomputed = train(load_config(cfg), show_progress=False)
+    assert len(live.losses) == len(precomputed.losses) == 6
+    assert precomputed.losses == pytest.approx(live.losses, abs=1e-6)
+    assert precomputed.losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    for a, b in zip(_rows(tmp_path / "a"), _rows(tmp_path / "b"), strict=True):
+        for name in (
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ):
+            assert b[name] == pytest.approx(a[name], abs=1e-5), name
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_precompute_ref_under_bf16_autocast_is_the_live_reference(adapter, tiny_model_dirs, tmp_path):
+    """The reference is computed under the loop's autocast: at step 0 policy == reference exactly, so
+    the loss is ln 2 (an fp32 reference against a bf16 policy would be off by the rounding)."""
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_model_dirs["llama"], _pairs_file(tmp_path / "p.jsonl"), run, adapter, max_steps=1)
+    cfg["train"]["precision"] = "bf16"
+    cfg["dpo"] = {"precompute_ref": True}
+    train(load_config(cfg), show_progress=False)
+    first = _rows(run)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_precompute_ref_resume_is_exact(tiny_model_dirs, tmp_path):
+    """Full tuning: the resumed run's reference comes from the untrained model again, not the checkpoint."""
+    data = _pairs_file(tmp_path / "p.jsonl")
+    model_dir = tiny_model_dirs["llama"]
+
+    def cfg(out: Path, **extra) -> dict:
+        c = _cfg(model_dir, data, out, "full", epochs=2, **extra)
+        c["dpo"] = {"precompute_ref": True}
+        return c
+
+    straight = train(load_config(cfg(tmp_path / "a")), show_progress=False)
+    first = train(load_config(cfg(tmp_path / "b")), show_progress=False, stop_after_step=2)
+    second = train(load_config(cfg(tmp_path / "b", resume="auto")), show_progress=False)
+    assert len(straight.losses) == 6
+    assert first.losses + second.losses == straight.losses
