@@ -14,4 +14,12 @@ def train(*args: Any, **kwargs: Any) -> Any:
     return _train(*args, **kwargs)
 
 
-__all__ = ["__version__", "train"]
+def score(*args: Any, **kwargs: Any) -> Any:
+    """Score a response with a finished reward run: `score(run_dir, prompt, response)`, or
+    `score(run_dir, rows=[...])` (see tunesmith.scoring.score; imported on first use)."""
+    from tunesmith.scoring import score as _score
+
+    return _score(*args, **kwargs)
+
+
+__all__ = ["__version__", "score", "train"]

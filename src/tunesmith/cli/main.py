@@ -43,6 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from tunesmith.cli.data_cmd import add_data_parser
 
     add_data_parser(sub)
+    from tunesmith.cli.score_cmd import add_score_parser
+
+    add_score_parser(sub)
     return parser
 
 
@@ -63,9 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     from tunesmith.cli.quiet import quiet_libraries
 
     quiet_libraries(args.verbose)
-    handler = {"train": _train, "chat": _chat, "export": _export, "config-schema": _schema, "data": _data}[
-        args.command
-    ]
+    handler = {
+        "train": _train,
+        "chat": _chat,
+        "export": _export,
+        "config-schema": _schema,
+        "data": _data,
+        "score": _score,
+    }[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -158,6 +166,12 @@ def _export(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from tunesmith.cli.data_cmd import run
+
+    return run(args)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from tunesmith.cli.score_cmd import run
 
     return run(args)
 

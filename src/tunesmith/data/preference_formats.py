@@ -14,11 +14,15 @@ message`) instead of training on something else than what the file says:
 
 Per-message `weight` has no meaning in a pair except where it agrees with it: a prompt message is
 never trained (weight 1 is refused) and an answer is always scored (weight 0 is refused).
+
+Any layout may carry a top-level numeric `margin` (how much better chosen is, as in Llama 2's reward
+model); it is kept on the pair for the methods that use it (reward) and ignored by the others.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tunesmith.data.conversation import Message, RowRef
@@ -55,6 +59,7 @@ class PreferenceSample:
     rejected: tuple[Message, ...]
     source: RowRef
     tools: list[dict[str, Any]] | None = None
+    margin: float | None = None  # the row's `margin`, if it has one
 
     @property
     def identical(self) -> bool:
@@ -69,12 +74,23 @@ def to_pair(row: Any, ref: RowRef, *, max_chars: int = DEFAULT_MAX_CHARS) -> Pre
     if problem is not None:
         raise RowError(problem)
     if "preferred_output" in row or "non_preferred_output" in row:
-        return _from_openai(row, ref, max_chars)
-    if "conversations" in row:
-        return _from_sharegpt(row, ref, max_chars)
-    if "prompt" not in row and "input" in row:
-        return _from_openai(row, ref, max_chars)
-    return _from_prompt(row, ref, max_chars)
+        sample = _from_openai(row, ref, max_chars)
+    elif "conversations" in row:
+        sample = _from_sharegpt(row, ref, max_chars)
+    elif "prompt" not in row and "input" in row:
+        sample = _from_openai(row, ref, max_chars)
+    else:
+        sample = _from_prompt(row, ref, max_chars)
+    return replace(sample, margin=_margin(row)) if row.get("margin") is not None else sample
+
+
+def _margin(row: dict[str, Any]) -> float:
+    value = row["margin"]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RowError(f"margin: expected a number, got {type_name(value)}")
+    if not math.isfinite(value):
+        raise RowError(f"margin: expected a finite number, got {value}")
+    return float(value)
 
 
 # --- prompt + chosen + rejected -----------------------------------------------------------------

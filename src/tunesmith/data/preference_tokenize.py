@@ -36,6 +36,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     source: RowRef
     truncated: bool = False  # the prompt lost tokens from its start to fit data.seq_len
+    margin: float | None = None  # the row's `margin` (reward models), passed through
 
 
 class PairDropped(DataError):
@@ -83,7 +84,8 @@ def tokenize_pair(
         _completion_ids(tokenizer, template, sample, answer, key, (prompt_text, prompt_ids), reasoning)
         for key, answer in (("chosen", sample.chosen), ("rejected", sample.rejected))
     )
-    return fit_pair(prompt_ids, chosen, rejected, sample.source, seq_len)
+    pair = fit_pair(prompt_ids, chosen, rejected, sample.source, seq_len)
+    return replace(pair, margin=sample.margin) if sample.margin is not None else pair
 
 
 def _completion_ids(

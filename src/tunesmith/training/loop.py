@@ -35,7 +35,7 @@ from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.precision import (
     accelerate_mixed_precision,
     allow_new_mixed_precision,
-    resolve_precision,
+    choose_precision,
     restore_fp32,
     store_frozen_linear_weights,
 )
@@ -141,7 +141,8 @@ def _train_locked(
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(cfg.train.precision, device_type)
+    precision_choice = choose_precision(cfg.train.precision, device_type)
+    precision = precision_choice.precision
     # fp16 needs loss scaling, which the loop does itself (GradScaler works on CPU and GPU alike;
     # accelerate has none on CPU), so accelerate runs it as full precision.
     mixed_precision = "no" if precision == "fp16" else accelerate_mixed_precision(precision)
@@ -187,23 +188,38 @@ def _train_locked(
         trainer.reporter_message(no_checkpoint_note)
     trainer.reporter_message(
         f"model {cfg.model} ({model_dir}); training {trainable:,} of {total:,} parameters "
-        f"({cfg.adapter.type}); precision {precision}"
+        f"({cfg.adapter.type}); precision {precision} ({precision_choice.reason})"
         f"{' (frozen weights in bf16)' if low_precision_base else ''}; data: {data.report.summary()}"
     )
     try:
         result = trainer.run(candidates, stop_after_step)
     finally:
         trainer.close()
-    result.model = accelerator.unwrap_model(trainer.wrapped).model
+    wrapper = accelerator.unwrap_model(trainer.wrapped)
+    result.model = wrapper.model
     if low_precision_base:
         restore_fp32(result.model)
     if not result.interrupted and accelerator.is_main_process:
+        head = {name: p.detach().float().cpu().contiguous() for name, p in own_parameters(wrapper).items()}
         try:
-            save_final(run_dir, result.model, tokenizer, cfg, model_dir)
+            save_final(run_dir, result.model, tokenizer, cfg, model_dir, head=head or None)
         except NonFiniteWeights as exc:
             raise TrainingDiverged(f"{exc}; the final model was not saved. Try a lower train.lr") from None
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return result
+
+
+def own_parameters(wrapper: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters a method's wrapper holds beside its model's (a reward head), named as in
+    the wrapper. Frozen modules a method keeps (a reference model) are not among them."""
+    inner = {id(p) for p in wrapper.model.parameters()}
+    return {name: p for name, p in wrapper.named_parameters() if p.requires_grad and id(p) not in inner}
+
+
+def checkpointed_module(wrapper: torch.nn.Module) -> torch.nn.Module:
+    """What a checkpoint holds the trainable parameters of: the model, under the names it always had,
+    or the whole wrapper where the method trains parameters of its own (names gain `model.`)."""
+    return wrapper if own_parameters(wrapper) else wrapper.model
 
 
 class Trainer:
@@ -232,9 +248,12 @@ class Trainer:
         prepared.data.report.packing_fill = self.stream.fill
         self.total_micro = self._total_micro_batches()
         self.total_steps = t.max_steps or self._steps_until(self.total_micro)
-        optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay)
+        # The optimizer takes the wrapper's parameters: the model's, in the same order as ever (old
+        # checkpoints' optimizer states still line up), then any the method adds (a reward head).
+        wrapper = method.wrap_model(model, cfg)
+        optimizer = build_optimizer(wrapper.parameters(), t.lr, t.weight_decay)
         self.scheduler = build_scheduler(optimizer, t.scheduler, t.warmup_ratio, self.total_steps)
-        self.wrapped, self.optimizer = accelerator.prepare(method.wrap_model(model, cfg), optimizer)
+        self.wrapped, self.optimizer = accelerator.prepare(wrapper, optimizer)
         self.reporter = ProgressReporter(
             self.total_steps, 0, enabled=show_progress and accelerator.is_main_process
         )
@@ -283,7 +302,7 @@ class Trainer:
 
     def _restore(self, candidates: list[Path]) -> None:
         """Resume from the newest checkpoint that loads; unreadable newer ones are set aside, and said so."""
-        model = self.accelerator.unwrap_model(self.wrapped).model
+        model = checkpointed_module(self.accelerator.unwrap_model(self.wrapped))
         failures: list[str] = []
         for checkpoint in candidates:
             try:
@@ -402,7 +421,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             self.last_saved_step = self.state.step
             return None
-        model = self.accelerator.unwrap_model(self.wrapped).model
+        model = checkpointed_module(self.accelerator.unwrap_model(self.wrapped))
         try:
             path = save_checkpoint(
                 folder, model, self.optimizer, self.state, self.cfg.train.save_total_limit, self.fingerprint

@@ -159,15 +159,26 @@ def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_reque
     clear_run(run_dir)
 
 
-def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: RunConfig, base_model_dir: Path) -> Path:
+def save_final(
+    run_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    cfg: RunConfig,
+    base_model_dir: Path,
+    head: dict[str, Any] | None = None,
+) -> Path:
     """LoRA -> `adapter/` (standard PEFT files); full/freeze -> `model/` (safetensors); tokenizer beside it.
 
-    run.json goes first (so a crash mid-save never leaves an old marker vouching for new files) and
-    comes back last, after the model directory is committed.
+    `head`: weights a method trains beside the model (a reward model's `score.weight`), written into
+    that directory as `head.safetensors` and named in run.json. run.json goes first (so a crash
+    mid-save never leaves an old marker vouching for new files) and comes back last, after the model
+    directory and the head are committed.
     """
     from tunesmith.training.checkpoint import check_finite, trainable_state
 
     check_finite(trainable_state(model), "the trained model")
+    if head:
+        check_finite(head, "the trained head")
     marker = run_dir / RUN_INFO
     if marker.exists():
         marker.unlink()
@@ -180,8 +191,27 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: RunConfig, base_m
         "kind": out.name,
         "method": cfg.method,
     }
+    if head:
+        info["head"] = _save_head(out, head)
     write_text_atomic(marker, json.dumps(info, indent=1))
     return out
+
+
+HEAD_FILE = "head.safetensors"
+
+
+def _save_head(out: Path, head: dict[str, Any]) -> str:
+    """`out/head.safetensors`, written to a temporary name, fsynced, renamed; returns its name."""
+    from safetensors.torch import save_file
+
+    from tunesmith.training.durable import fsync_file
+
+    tmp = out / f".{HEAD_FILE}.tmp"
+    save_file(head, tmp)
+    fsync_file(tmp)
+    os.replace(tmp, out / HEAD_FILE)
+    fsync_dir(out)
+    return HEAD_FILE
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
