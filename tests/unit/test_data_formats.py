@@ -349,3 +349,37 @@ def test_optional_nulls_read_like_absent_keys() -> None:
     assert to_sample(row, "messages", REF) == to_sample(
         _chat(("user", "q"), ("assistant", "a")), "messages", REF
     )
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "label": False,
+        },
+        {"prompt": "q", "completion": "a", "label": True},
+    ],
+)
+def test_kto_rows_are_refused_by_the_other_methods(row: dict[str, Any], tmp_path) -> None:
+    """An undesirable completion must never be trained on as an answer by sft."""
+    import json
+
+    from tunesmith.data.errors import DataError
+    from tunesmith.data.validate import read_samples
+
+    assert detect_format(row) == "kto"
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match="KTO rows .* train with method kto"):
+        read_samples(str(path), "auto", "raise", "data.train[0]")
+    with pytest.raises(DataError, match="kto rows train with method kto"):
+        read_samples(str(path), "kto", "raise", "data.train[0]")
+
+
+def test_a_label_that_is_not_a_boolean_keeps_the_row_a_conversation() -> None:
+    row = {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "label": "pos",
+    }
+    assert detect_format(row) == "messages"

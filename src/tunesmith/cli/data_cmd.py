@@ -47,6 +47,8 @@ def _preview(args: argparse.Namespace) -> int:
     tokenizer = _load_tokenizer(cfg.model, cfg.trust_remote_code)
     if _trains_on_pairs(cfg.method):
         return _preview_pairs(args, cfg, tokenizer)
+    if cfg.method == "kto":
+        return _preview_kto(args, cfg, tokenizer)
     built = build_data(cfg.data, tokenizer, cfg.method)
     shown = built.train[: max(0, args.n)]
     summary = summary_lines(built, cfg.data.seq_len, cfg.data.packing)
@@ -115,6 +117,42 @@ def _print_pairs(tokenizer: Any, pairs: list[Any], total: int) -> None:
         print(f"({legend})\n")
 
 
+def _preview_kto(args: argparse.Namespace, cfg: Any, tokenizer: Any) -> int:
+    from tunesmith.data.kto import build_kto_data, kto_record, kto_summary_lines
+
+    weights = (cfg.kto.desirable_weight, cfg.kto.undesirable_weight)
+    built = build_kto_data(cfg.data, tokenizer, weights)
+    shown = built.train[: max(0, args.n)]
+    summary = kto_summary_lines(built)
+    if args.json:
+        for example in shown:
+            print(json.dumps(kto_record(tokenizer, example), ensure_ascii=False))
+        print("\n".join(summary), file=sys.stderr)
+        return 0
+    _print_kto(tokenizer, shown, len(built.train))
+    print("\n".join(summary))
+    return 0
+
+
+def _print_kto(tokenizer: Any, examples: list[Any], total: int) -> None:
+    from rich.console import Console
+
+    from tunesmith.data.kto import kto_header, marked_kto, rich_kto
+
+    console = Console(highlight=False)
+    for index, example in enumerate(examples):
+        header = kto_header(example, index, total)
+        if console.is_terminal:
+            console.rule(header, align="left")
+            console.print(rich_kto(tokenizer, example), soft_wrap=True)
+        else:
+            print(f"--- {header} ---")
+            print(marked_kto(tokenizer, example))
+    if examples:
+        legend = "trained tokens in green" if console.is_terminal else "trained tokens in [[...]]"
+        print(f"({legend})\n")
+
+
 def _trains_on_pairs(method: str) -> bool:
     from tunesmith.data.preference_formats import PREFERENCE_METHODS
 
@@ -131,6 +169,7 @@ def _check(args: argparse.Namespace) -> int:
     """
     from tunesmith.config.load import load_config
     from tunesmith.data.errors import DataError
+    from tunesmith.data.kto import read_kto_samples
     from tunesmith.data.sources import resolve_files
     from tunesmith.data.validate import read_samples
 
@@ -141,7 +180,10 @@ def _check(args: argparse.Namespace) -> int:
     bad = rows = files = notes = 0
     for label, source in sources:
         try:
-            result = read_samples(source.path, source.format, "skip", label, pairs=pairs)
+            if cfg.method == "kto":
+                result = read_kto_samples(source.path, source.format, "skip", label)
+            else:
+                result = read_samples(source.path, source.format, "skip", label, pairs=pairs)
         except DataError as exc:  # the path itself: missing, unsupported, undetectable format
             print(exc)
             bad += 1

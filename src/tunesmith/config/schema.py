@@ -247,7 +247,8 @@ class KTOConfig(Section):
     )
     precompute_ref: bool = Field(
         default=False,
-        description="compute the reference log-probs once before training (see dpo.precompute_ref)",
+        description="not supported for kto: its KL pairs change with each epoch's batches, so the "
+        "reference cannot be computed once (true is refused with this reason)",
     )
 
 

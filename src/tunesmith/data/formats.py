@@ -27,6 +27,10 @@ DEFAULT_MAX_CHARS = 10_000_000
 """Longest string accepted in one field (characters); longer is almost always a broken row."""
 
 PAIR_FORMAT = "preference"
+KTO_FORMAT = "kto"
+"""Rows of method kto (read by data/kto_formats.py); detected here only to refuse them elsewhere."""
+OTHER_METHOD_FORMATS = {KTO_FORMAT: "kto", "prompts": "grpo"}
+"""Formats that belong to one method, and that method."""
 PAIR_KEYS = (
     "prompt + chosen + rejected, conversations + chosen + rejected, "
     "or input + preferred_output + non_preferred_output"
@@ -77,6 +81,14 @@ def is_preference_row(row: dict[str, Any]) -> bool:
     return any(row.get(key) is not None for key in _PAIR_MARKERS)
 
 
+def is_kto_row(row: dict[str, Any]) -> bool:
+    """A completion labelled good or bad (method kto's rows): never train on it as a conversation,
+    since half of the answers are the ones to avoid."""
+    return isinstance(row.get("label"), bool) and (
+        row.get("messages") is not None or row.get("completion") is not None
+    )
+
+
 def detect_format(row: dict[str, Any], pairs: bool = False) -> str | None:
     """The format a row's keys point to (messages > pair keys > conversations > instruction/output > text).
 
@@ -87,6 +99,8 @@ def detect_format(row: dict[str, Any], pairs: bool = False) -> str | None:
     """
     if pairs:
         return PAIR_FORMAT if is_preference_row(row) else None
+    if is_kto_row(row):
+        return KTO_FORMAT
     if row.get("messages") is not None:
         return "messages"
     if is_preference_row(row):

@@ -23,6 +23,8 @@ from tunesmith.data.formats import (
     DEFAULT_MAX_CHARS,
     FORMAT_KEYS,
     FORMATS,
+    KTO_FORMAT,
+    OTHER_METHOD_FORMATS,
     PAIR_FORMAT,
     PAIR_KEYS,
     RowError,
@@ -127,6 +129,11 @@ def iter_samples(
     `formats`, when given, receives the format used for each file as it is opened.
     """
     known = (*FORMATS, PAIR_FORMAT)
+    if fmt in OTHER_METHOD_FORMATS:
+        raise DataError(
+            f"{label}.format: {fmt} rows train with method {OTHER_METHOD_FORMATS[fmt]}, not this one "
+            f"(set method: {OTHER_METHOD_FORMATS[fmt]}, or use a format of: auto, {', '.join(known)})"
+        )
     if fmt != "auto" and fmt not in known:
         raise DataError(f"{label}.format: unknown format {fmt!r} (known: auto, {', '.join(known)})")
     if fmt != "auto":
@@ -142,6 +149,11 @@ def _check_kind(fmt: str, pairs: bool, where: str) -> None:
         raise DataError(
             f"{where} holds {fmt} rows, not preference pairs: a preference method ({_PAIR_METHODS}) "
             f"needs rows with {PAIR_KEYS}"
+        )
+    if fmt == KTO_FORMAT:
+        raise DataError(
+            f"{where} holds KTO rows (a completion with a true/false label): they train with method kto, "
+            "not this one (an undesirable completion must never be trained on as an answer)"
         )
     if not pairs and fmt == PAIR_FORMAT:
         raise DataError(
