@@ -49,6 +49,8 @@ def _preview(args: argparse.Namespace) -> int:
         return _preview_pairs(args, cfg, tokenizer)
     if cfg.method == "kto":
         return _preview_kto(args, cfg, tokenizer)
+    if cfg.method == "grpo":
+        return _preview_prompts(args, cfg, tokenizer)
     built = build_data(cfg.data, tokenizer, cfg.method)
     shown = built.train[: max(0, args.n)]
     summary = summary_lines(built, cfg.data.seq_len, cfg.data.packing)
@@ -153,6 +155,58 @@ def _print_kto(tokenizer: Any, examples: list[Any], total: int) -> None:
         print(f"({legend})\n")
 
 
+def _grpo_prompts(cfg: Any, tokenizer: Any, on_error: str) -> Any:
+    from tunesmith.data.prompts import build_prompt_data
+    from tunesmith.training.rewards import load_rewards, required_columns
+
+    data = cfg.data.model_copy(update={"on_error": on_error, "max_dropped_fraction": 1.0})
+    needed = required_columns(load_rewards(cfg.grpo.rewards))
+    return build_prompt_data(data, tokenizer, cfg.grpo.max_completion_length, needed)
+
+
+def _preview_prompts(args: argparse.Namespace, cfg: Any, tokenizer: Any) -> int:
+    """GRPO's prompts as the model sees them (generation prompt included) and the columns rewards read."""
+    built = _grpo_prompts(cfg, tokenizer, cfg.data.on_error)
+    shown = built.train[: max(0, args.n)]
+    for index, prompt in enumerate(shown):
+        record = {
+            "source": str(prompt.source),
+            "prompt_tokens": len(prompt.prompt_ids),
+            "rendered": tokenizer.decode(prompt.prompt_ids),
+            "columns": prompt.columns,
+        }
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(
+                f"--- prompt {index + 1}/{len(built.train)}: {record['source']}, {record['prompt_tokens']} tokens ---"
+            )
+            print(record["rendered"])
+            if prompt.columns:
+                print(f"columns: {json.dumps(prompt.columns, ensure_ascii=False)}")
+    print(built.report.summary(), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _check_prompts(cfg: Any) -> int:
+    """GRPO prompts: every bad or too-long row as `file:line: reason` (needs the tokenizer: lengths)."""
+    from tunesmith.data.errors import DataError
+
+    tokenizer = _load_tokenizer(cfg.model, cfg.trust_remote_code)
+    try:
+        built = _grpo_prompts(cfg, tokenizer, "skip")
+    except DataError as exc:
+        print(exc)
+        return 1
+    report = built.report
+    issues = sorted(report.skipped + report.dropped, key=lambda i: (i.ref.file, i.ref.line))
+    for issue in issues:
+        print(issue)
+    verdict = "all valid" if not issues else f"{len(issues)} problem{'s' if len(issues) != 1 else ''}"
+    print(f"checked {report.rows_read} rows of {len(cfg.data.train) + len(cfg.data.eval)} sources: {verdict}")
+    return 1 if issues else 0
+
+
 def _trains_on_pairs(method: str) -> bool:
     from tunesmith.data.preference_formats import PREFERENCE_METHODS
 
@@ -174,6 +228,8 @@ def _check(args: argparse.Namespace) -> int:
     from tunesmith.data.validate import read_samples
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.method == "grpo":
+        return _check_prompts(cfg)
     sources = [(f"data.train[{i}]", s) for i, s in enumerate(cfg.data.train)]
     sources += [(f"data.eval[{i}]", s) for i, s in enumerate(cfg.data.eval)]
     pairs = _trains_on_pairs(cfg.method)

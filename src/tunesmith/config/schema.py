@@ -354,9 +354,12 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _method_section_matches_method(self) -> RunConfig:
-        """A `kto:` section under `method: dpo` is a mistake the run would otherwise silently ignore."""
+        """A `kto:` section under `method: dpo` is a mistake the run would otherwise silently ignore.
+
+        Sections at their defaults are no mistake (a config dumped with every section loads back)."""
         for name in METHOD_SECTIONS:
-            if name in self.model_fields_set and name != self.method:
+            default = type(self).model_fields[name].get_default(call_default_factory=True)
+            if name != self.method and getattr(self, name) != default:
                 raise ValueError(
                     f"a {name}: section is set but method is {self.method!r}; set method: {name}"
                 )

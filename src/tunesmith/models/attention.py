@@ -70,6 +70,19 @@ def attention_for_model(attention: str, config: Any) -> str:
     return attention
 
 
+GENERATION_SAFE = ("sdpa", "eager")
+"""Kernels that attend correctly under a KV cache with left-padded batches. The packed varlen kernel
+does not: it slices the keys by the query's own spans, so a one-token decode step would see one key."""
+
+
+def generation_attention(attention: str, config: Any) -> str:
+    """The kernel to generate with while training uses `attention`: the same one where it is safe
+    under a KV cache, else sdpa (eager where the model soft-caps attention logits)."""
+    if attention in GENERATION_SAFE:
+        return attention
+    return "eager" if attention_logit_softcap(config) else "sdpa"
+
+
 def layer_windows(config: Any) -> dict[str, int | None]:
     """Each attention layer type of the model and its sliding window (None: full causal).
 

@@ -524,7 +524,7 @@ class Trainer:
 
     def _check_not_collapsed(self, grad_norm: float, loss: float, step_tokens: int) -> None:
         """A gradient norm of exactly 0 with tokens to train means the model is dead, not converged."""
-        if grad_norm != 0.0 or step_tokens == 0:
+        if grad_norm != 0.0 or step_tokens == 0 or getattr(self.method, "zero_gradient_is_normal", False):
             self.zero_grad_steps = 0
             return
         self.zero_grad_steps += 1

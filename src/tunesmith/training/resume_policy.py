@@ -50,6 +50,7 @@ NO_EFFECT_ON_NUMBERS = (
     "data.cache",
     "data.on_error",
     "data.max_dropped_fraction",
+    "grpo.log_completions_every",
 )
 """Keys (or prefixes ending in '.') that change speed, memory or bookkeeping, never the numbers."""
 

@@ -61,6 +61,9 @@ class Method(Protocol):
     name: str
     unit: str
     """What the loss is normalised by: "token", "pair" or "sequence" (shown in the run's first lines)."""
+    zero_gradient_is_normal: bool
+    """Whether a step may have an exactly zero gradient in healthy training (GRPO: every group's
+    rewards equal, so every advantage is 0); otherwise the loop takes it for a collapsed model."""
 
     def prepare_data(self, cfg: RunConfig, tokenizer: Any) -> PreparedData: ...
 

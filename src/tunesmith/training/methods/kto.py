@@ -213,6 +213,7 @@ def _all_reduce_sum(values: torch.Tensor) -> tuple[torch.Tensor, int]:
 class KTO:
     name = "kto"
     unit = "example"
+    zero_gradient_is_normal = False
 
     def __init__(self) -> None:
         self.cfg: RunConfig | None = None

@@ -235,6 +235,7 @@ class PairMethod:
 
     name = "pairs"
     unit = "pair"
+    zero_gradient_is_normal = False
 
     def __init__(self) -> None:
         self.cfg: RunConfig | None = None

@@ -145,6 +145,7 @@ def reward_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
 class RewardModel:
     name = "reward"
     unit = "pair"
+    zero_gradient_is_normal = False
 
     def __init__(self) -> None:
         self.cfg: RunConfig | None = None

@@ -18,6 +18,7 @@ from tunesmith.training.resume_policy import files_fingerprint, samples_fingerpr
 class SFT:
     name = "sft"
     unit = "token"
+    zero_gradient_is_normal = False
 
     def prepare_data(self, cfg: RunConfig, tokenizer: Any) -> PreparedData:
         """Samples in memory, or (data.streaming) rows read block by block as training goes."""
