@@ -200,9 +200,9 @@ def test_sft_optimizer_order_and_checkpoint_names_are_unchanged(tiny_model_dirs)
     from tunesmith.config.schema import LoraAdapter
     from tunesmith.models.adapters import apply_adapter
     from tunesmith.models.load import load_model
-    from tunesmith.training.trainer_checkpoints import checkpointed_module, own_parameters
     from tunesmith.training.losses import CausalLMWithLoss
     from tunesmith.training.methods.reward import RewardScorer
+    from tunesmith.training.trainer_checkpoints import checkpointed_module, own_parameters
 
     model = apply_adapter(load_model(tiny_model_dirs["llama"]), LoraAdapter(r=4))
     wrapper = CausalLMWithLoss(model)

@@ -46,6 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from tunesmith.cli.score_cmd import add_score_parser
 
     add_score_parser(sub)
+    from tunesmith.cli.serve_cmd import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "config-schema": _schema,
         "data": _data,
         "score": _score,
+        "serve": _serve,
     }[args.command]
     try:
         return handler(args)
@@ -92,6 +96,7 @@ def _is_user_error(exc: Exception) -> bool:
     from tunesmith.models.default_model import DefaultModelMissing
     from tunesmith.models.gguf_cache import InvalidGGUF
     from tunesmith.models.load import ModelNotFound
+    from tunesmith.serve.adapters import ServeSetupError
     from tunesmith.training.loop import TrainingDiverged
     from tunesmith.training.run_dir import RunDirError
 
@@ -102,6 +107,7 @@ def _is_user_error(exc: Exception) -> bool:
         | ModelNotFound
         | DefaultModelMissing
         | InvalidGGUF
+        | ServeSetupError
         | RunDirError
         | TrainingDiverged
         | FileNotFoundError,
@@ -174,6 +180,12 @@ def _score(args: argparse.Namespace) -> int:
     from tunesmith.cli.score_cmd import run
 
     return run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tunesmith.cli.serve_cmd import run_serve
+
+    return run_serve(args)
 
 
 def _schema(args: argparse.Namespace) -> int:

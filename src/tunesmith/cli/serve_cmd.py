@@ -1,0 +1,123 @@
+"""`tunesmith serve MODEL_OR_RUN_DIR [--adapter NAME=RUN_DIR ...]`: the OpenAI-compatible HTTP server.
+
+Parsing and start-up only; the engine, the models and the app live in `tunesmith.serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from tunesmith.serve.server import DEFAULT_HOST
+
+
+def add_serve_parser(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="serve a model and LoRA adapters over an OpenAI-compatible HTTP API")
+    serve.add_argument("model", help="a run directory, a model directory, a .gguf file, or 'default'")
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="also serve this LoRA run (or PEFT adapter directory) as model NAME; repeatable",
+    )
+    serve.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("TUNESMITH_API_KEY"),
+        help="require `Authorization: Bearer KEY` on every route but /health (default: $TUNESMITH_API_KEY)",
+    )
+    serve.add_argument("--name", help="the name the base model is served under (default: its directory name)")
+    serve.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default="fp32", help="weights dtype (default fp32)"
+    )
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    serve.add_argument(
+        "--max-context", type=int, help="cap on prompt + completion tokens (default: the model's)"
+    )
+    serve.add_argument(
+        "--max-tokens", type=int, default=4096, help="cap on max_tokens per request (default 4096)"
+    )
+    serve.add_argument("--max-n", type=int, default=8, help="cap on n per request (default 8)")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default 1 MiB)"
+    )
+
+
+def parse_adapters(items: list[str]) -> list[tuple[str, str]]:
+    from tunesmith.config.load import ConfigError
+
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(
+                f"--adapter {item!r}: expected NAME=RUN_DIR, e.g. --adapter support=runs/support"
+            )
+        pairs.append((name, path))
+    return pairs
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from tunesmith.config.load import ConfigError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            'tunesmith serve needs fastapi and uvicorn: pip install "tunesmith[serve]"'
+        ) from None
+    from tunesmith.serve.adapters import load_model_set
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.engine import Engine
+    from tunesmith.serve.server import serve_forever
+    from tunesmith.serve.settings import ServeSettings
+
+    for flag in ("max_batch", "max_tokens", "max_n", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    _log_requests()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    models = load_model_set(args.model, parse_adapters(args.adapter), dtype, args.name, args.max_context)
+    engine = Engine(models.model, max_context=models.context_length, max_batch=args.max_batch)
+    settings = ServeSettings(
+        api_key=args.api_key or None,
+        max_tokens=args.max_tokens,
+        max_n=args.max_n,
+        max_body_bytes=args.max_body_bytes,
+    )
+    app = create_app(engine, models, settings)
+    names = ", ".join(models.served)
+    print(
+        f"serving {names} at http://{args.host}:{args.port}/v1 (context {models.context_length} tokens)",
+        flush=True,
+    )
+    if not settings.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: {args.host} is reachable from other machines and no --api-key is set", file=sys.stderr
+        )
+    try:
+        serve_forever(app, args.host, args.port)
+    finally:
+        engine.close()
+    return 0
+
+
+def _log_requests() -> None:
+    """One line per request on stderr, whatever the CLI's log level for everything else."""
+    logger = logging.getLogger("tunesmith.serve.access")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
