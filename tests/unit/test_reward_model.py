@@ -303,6 +303,14 @@ def test_cli_scores_one_response_and_a_file(trained_run, tmp_path, capsys):
     assert "rows.jsonl:1: response: empty" in capsys.readouterr().err
 
 
+def test_chat_with_a_reward_run_is_refused_and_points_to_score(trained_run, capsys):
+    from tunesmith.cli.main import main
+
+    assert main(["chat", str(trained_run), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "is a reward model" in err and f"tunesmith score {trained_run}" in err
+
+
 def test_scoring_a_run_of_another_method_is_refused(tiny_model_dirs, chat_file, tmp_path):
     import tunesmith
     from tunesmith.training.errors import RunDirError

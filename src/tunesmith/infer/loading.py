@@ -18,6 +18,7 @@ def load_for_inference(spec: str, dtype: torch.dtype = torch.float32) -> tuple[A
         from tunesmith.training.run_dir import read_run_info
 
         info = read_run_info(path)  # names a missing or unfinished run and says what to do
+        refuse_reward_run(path, info, "generate text")
         target = path / info["kind"]
         if info["kind"] == "adapter":
             return _load_adapter(target, Path(info["base_model"]), dtype)
@@ -27,6 +28,17 @@ def load_for_inference(spec: str, dtype: torch.dtype = torch.float32) -> tuple[A
         return _load_adapter(path, resolve_model_dir(config["base_model_name_or_path"]), dtype)
     model_dir = resolve_model_dir(spec)
     return load_model(model_dir, dtype).eval(), load_tokenizer(model_dir)
+
+
+def refuse_reward_run(run_dir: Path, info: dict[str, Any], what: str) -> None:
+    """A reward model's head scores text; its language-model head was never trained to answer."""
+    if info.get("method") == "reward":
+        from tunesmith.training.errors import RunDirError
+
+        raise RunDirError(
+            f"{run_dir} is a reward model: it cannot {what}, it scores answers. Use: "
+            f'tunesmith score {run_dir} --prompt "..." --response "..."'
+        )
 
 
 def _names_a_run(spec: str, path: Path) -> bool:
