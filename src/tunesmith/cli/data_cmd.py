@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from typing import Any
 
 
@@ -59,27 +60,32 @@ def _preview(args: argparse.Namespace) -> int:
             print(json.dumps(sample_record(tokenizer, sample), ensure_ascii=False))
         print("\n".join(summary), file=sys.stderr)
         return 0
-    _print_samples(tokenizer, shown, len(built.train))
+    from tunesmith.data.preview import marked_text, rich_text, sample_header
+
+    _print_items(
+        shown, len(built.train), sample_header, partial(rich_text, tokenizer), partial(marked_text, tokenizer)
+    )
     print("\n".join(summary))
     return 0
 
 
-def _print_samples(tokenizer: Any, samples: list[Any], total: int) -> None:
+def _print_items(
+    items: list[Any], total: int, header: Any, rich: Any, marked: Any, trained: str = "trained"
+) -> None:
+    """Each item under its header: coloured on a terminal, [[...]] marks elsewhere (pipes, files)."""
     from rich.console import Console
 
-    from tunesmith.data.preview import marked_text, rich_text, sample_header
-
     console = Console(highlight=False)
-    for index, sample in enumerate(samples):
-        header = sample_header(sample, index, total)
+    for index, item in enumerate(items):
+        title = header(item, index, total)
         if console.is_terminal:
-            console.rule(header, align="left")
-            console.print(rich_text(tokenizer, sample), soft_wrap=True)
+            console.rule(title, align="left")
+            console.print(rich(item), soft_wrap=True)
         else:
-            print(f"--- {header} ---")
-            print(marked_text(tokenizer, sample))
-    if samples:
-        legend = "trained tokens in green" if console.is_terminal else "trained tokens in [[...]]"
+            print(f"--- {title} ---")
+            print(marked(item))
+    if items:
+        legend = f"{trained} tokens in green" if console.is_terminal else f"{trained} tokens in [[...]]"
         print(f"({legend})\n")
 
 
@@ -95,28 +101,18 @@ def _preview_pairs(args: argparse.Namespace, cfg: Any, tokenizer: Any) -> int:
             print(json.dumps(pair_record(tokenizer, pair), ensure_ascii=False))
         print("\n".join(summary), file=sys.stderr)
         return 0
-    _print_pairs(tokenizer, shown, len(built.train))
-    print("\n".join(summary))
-    return 0
-
-
-def _print_pairs(tokenizer: Any, pairs: list[Any], total: int) -> None:
-    from rich.console import Console
-
     from tunesmith.data.preference_preview import marked_pair, pair_header, rich_pair
 
-    console = Console(highlight=False)
-    for index, pair in enumerate(pairs):
-        header = pair_header(pair, index, total)
-        if console.is_terminal:
-            console.rule(header, align="left")
-            console.print(rich_pair(tokenizer, pair), soft_wrap=True)
-        else:
-            print(f"--- {header} ---")
-            print(marked_pair(tokenizer, pair))
-    if pairs:
-        legend = "scored tokens in green" if console.is_terminal else "scored tokens in [[...]]"
-        print(f"({legend})\n")
+    _print_items(
+        shown,
+        len(built.train),
+        pair_header,
+        partial(rich_pair, tokenizer),
+        partial(marked_pair, tokenizer),
+        "scored",
+    )
+    print("\n".join(summary))
+    return 0
 
 
 def _preview_kto(args: argparse.Namespace, cfg: Any, tokenizer: Any) -> int:
@@ -131,28 +127,13 @@ def _preview_kto(args: argparse.Namespace, cfg: Any, tokenizer: Any) -> int:
             print(json.dumps(kto_record(tokenizer, example), ensure_ascii=False))
         print("\n".join(summary), file=sys.stderr)
         return 0
-    _print_kto(tokenizer, shown, len(built.train))
-    print("\n".join(summary))
-    return 0
-
-
-def _print_kto(tokenizer: Any, examples: list[Any], total: int) -> None:
-    from rich.console import Console
-
     from tunesmith.data.kto import kto_header, marked_kto, rich_kto
 
-    console = Console(highlight=False)
-    for index, example in enumerate(examples):
-        header = kto_header(example, index, total)
-        if console.is_terminal:
-            console.rule(header, align="left")
-            console.print(rich_kto(tokenizer, example), soft_wrap=True)
-        else:
-            print(f"--- {header} ---")
-            print(marked_kto(tokenizer, example))
-    if examples:
-        legend = "trained tokens in green" if console.is_terminal else "trained tokens in [[...]]"
-        print(f"({legend})\n")
+    _print_items(
+        shown, len(built.train), kto_header, partial(rich_kto, tokenizer), partial(marked_kto, tokenizer)
+    )
+    print("\n".join(summary))
+    return 0
 
 
 def _grpo_prompts(cfg: Any, tokenizer: Any, on_error: str) -> Any:
