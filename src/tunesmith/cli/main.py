@@ -34,10 +34,9 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
-    export = sub.add_parser("export", help="export a finished run")
-    export.add_argument("run_dir")
-    export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
-    export.add_argument("--out", required=True, help="output directory")
+    from tunesmith.cli.export_cmd import add_export_parser
+
+    add_export_parser(sub)
 
     sub.add_parser("config-schema", help="print the JSON Schema of the config")
     from tunesmith.cli.data_cmd import add_data_parser
@@ -157,17 +156,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from tunesmith.cli.export_cmd import run_export
 
-    from tunesmith.export.merge import export_run
-    from tunesmith.training.run_dir import read_run_info
-
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        read_run_info(run_dir)  # says the run does not exist (or is not a run) instead of looking for a model
-    out = export_run(run_dir, Path(args.out), merge=args.merge)
-    print(f"exported to {out}")
-    return 0
+    return run_export(args)
 
 
 def _data(args: argparse.Namespace) -> int:

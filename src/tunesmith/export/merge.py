@@ -1,42 +1,178 @@
-"""`tunesmith export --merge`: one standalone model directory that plain transformers loads."""
+"""`tunesmith export`: a merged model directory or a GGUF file, checked against the trained model.
+
+The flow: load the trained model (base + adapter, unmerged) -> record what it does on a few
+conversations (`verify.reference`) -> merge the adapter and check the merge in memory -> write the
+export -> free the model -> read the export back with an independent reader and compare
+(`verify.verify_gguf` / `verify.verify_model_dir`), writing the result beside the export.
+
+A merged directory carries what serving stacks read besides the weights: the chat template training
+used, the special tokens, and a generation_config whose `eos_token_id` includes the template's
+end-of-turn token (so generation stops at `<|im_end|>` even where EOS is another token).
+"""
 
 from __future__ import annotations
 
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from tunesmith.export.verify import Reference, VerifyResult, reference, report_path
 from tunesmith.infer.loading import load_for_inference
 from tunesmith.models.save import save_model_dir
 
-PROBE = [{"role": "user", "content": "Write one sentence about the sea."}]
+log = logging.getLogger(__name__)
 
 
 class ExportMismatch(RuntimeError):
     pass
 
 
-def _probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
-    ids = tokenizer.apply_chat_template(
-        PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    with torch.no_grad():
-        return model(**ids).logits.float()
+class NeedsMerge(ValueError):
+    """A LoRA run exported without --merge (or --gguf)."""
 
 
-def export_run(run_dir: Path, out: Path, merge: bool = True, tolerance: float = 1e-3) -> Path:
-    """Write safetensors + tokenizer (with its chat template); a merged LoRA is checked against the adapter."""
+@dataclass
+class ExportResult:
+    path: Path
+    kind: str  # "merged" or the GGUF type
+    check: VerifyResult | None = None
+    report: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def training_template(run_dir: Path, tokenizer: Any) -> tuple[str | None, list[str]]:
+    """The chat template the run trained with (its config.yaml's data.template or the sources' one),
+    else the tokenizer's own; with a note when the sources disagree."""
+    import yaml
+
+    from tunesmith.data.templates import resolve_template
+
+    own = getattr(tokenizer, "chat_template", None)
+    own = own if isinstance(own, str) and own.strip() else None
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return own, []
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if data.get("method") == "pretrain":
+        return own, []
+    section = data.get("data") or {}
+    specs = [source.get("template") or section.get("template") for source in section.get("train") or [{}]]
+    notes = []
+    if len(set(specs)) > 1:
+        notes.append(
+            f"the training sources used different chat templates ({sorted(map(str, set(specs)))}); "
+            "the export carries the first source's"
+        )
+    if specs[0] is None and own is None:
+        return None, notes
+    return resolve_template(tokenizer, specs[0]), notes
+
+
+def prepare_model_dir(model: Any, tokenizer: Any, template: str | None, eot_id: int | None) -> None:
+    """Put the training template on the tokenizer and the stop tokens in the generation config."""
+    from transformers import GenerationConfig
+
+    if template is not None:
+        tokenizer.chat_template = template
+    generation = getattr(model, "generation_config", None) or GenerationConfig()
+    eos = generation.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for token_id in (tokenizer.eos_token_id, eot_id):
+        if token_id is not None and token_id not in ids:
+            ids.append(int(token_id))
+    generation.eos_token_id = ids[0] if len(ids) == 1 else ids or None
+    if tokenizer.bos_token_id is not None:
+        generation.bos_token_id = tokenizer.bos_token_id
+    if tokenizer.pad_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = generation
+
+
+def export(
+    run_dir: Path,
+    out: Path,
+    *,
+    merge: bool = False,
+    gguf_type: str | None = None,
+    verify: bool = True,
+    tolerance: float = 1e-3,
+    say: Callable[[str], None] = log.info,
+) -> ExportResult:
+    """Export a finished run (or a model directory) as a merged directory or, with `gguf_type`, a GGUF file.
+
+    `say` receives one line per step (the CLI prints them)."""
+    from tunesmith.export.gguf_writer import check_type, round_like_export, write_gguf
+    from tunesmith.export.verify import logits_for
+
+    run_dir, out = Path(run_dir), Path(out)
+    if gguf_type is not None:
+        gguf_type = check_type(gguf_type)
+    say(f"loading {run_dir}")
     model, tokenizer = load_for_inference(str(run_dir))
     is_adapter = hasattr(model, "merge_and_unload")
-    if is_adapter and not merge:
-        raise ValueError("this run holds a LoRA adapter: pass --merge to fold it into the base weights")
+    if is_adapter and not merge and gguf_type is None:
+        raise NeedsMerge("this run holds a LoRA adapter: pass --merge to fold it into the base weights")
+    template, notes = training_template(run_dir, tokenizer)
+    ref = reference(model, tokenizer, template)
+    rounded = ref.logits
     if is_adapter:
-        before = _probe_logits(model, tokenizer)
         model = model.merge_and_unload()
-        difference = float((_probe_logits(model, tokenizer) - before).abs().max())
-        if difference > tolerance:
+        rounded = logits_for(model, ref.renders)
+        difference = max(float((a - b).abs().max()) for a, b in zip(ref.logits, rounded, strict=True))
+        scale = max(1.0, max(float(a.abs().max()) for a in ref.logits))
+        if difference > tolerance * scale:  # relative: logits of real models reach 40 and more
             raise ExportMismatch(
                 f"merged model differs from the adapter model (max logit difference {difference})"
             )
-    return save_model_dir(model, tokenizer, out)
+    say(f"writing {out}" + (f" ({gguf_type})" if gguf_type else ""))
+    if gguf_type is not None:
+        written = write_gguf(
+            model,
+            tokenizer,
+            out,
+            gguf_type,
+            chat_template=template,
+            eot_id=ref.eot_id,
+            name=run_dir.resolve().name,
+        )
+        notes += written.notes
+        result = ExportResult(out, gguf_type, notes=notes)
+        if verify and gguf_type != "f32":
+            round_like_export(model, written.plan)  # the model is not needed any more: round it in place
+            rounded = logits_for(model, ref.renders)
+    else:
+        prepare_model_dir(model, tokenizer, template, ref.eot_id)
+        result = ExportResult(save_model_dir(model, tokenizer, out), "merged", notes=notes)
+    del model
+    gc.collect()
+    if verify:
+        say("checking the export: reading it back and comparing it with the trained model")
+        result.check = check_export(ref, result, tokenizer, rounded)
+        result.report = result.check.write(report_path(result.path))
+    return result
+
+
+def check_export(ref: Reference, result: ExportResult, tokenizer: Any, rounded: Any = None) -> VerifyResult:
+    from tunesmith.export.verify import verify_gguf, verify_model_dir
+
+    if result.kind == "merged":
+        check = verify_model_dir(ref, result.path, tokenizer, rounded)
+    else:
+        check = verify_gguf(ref, result.path, result.kind, tokenizer, rounded)
+    check.notes = list(result.notes)
+    return check
+
+
+def export_run(
+    run_dir: Path, out: Path, merge: bool = True, tolerance: float = 1e-3, verify: bool = True
+) -> Path:
+    """Write safetensors + tokenizer (with the training chat template) + generation config, checked."""
+    result = export(run_dir, out, merge=merge, verify=verify, tolerance=tolerance)
+    if result.check is not None and not result.check.passed:
+        raise ExportMismatch(
+            f"the export at {result.path} failed the behaviour check: {result.check.failures()}"
+        )
+    return result.path
