@@ -16,7 +16,6 @@ For `tunesmith data check` / `preview`: `read_kto_samples` returns the `SourceRe
 from __future__ import annotations
 
 import itertools
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,19 +28,16 @@ from tunesmith.data.build import (
     SourceReport,
     check_loss_budget,
     source_template,
-    split_eval,
 )
 from tunesmith.data.conversation import RowRef
 from tunesmith.data.errors import DataError, RowIssue
 from tunesmith.data.formats import DEFAULT_MAX_CHARS, RowError
 from tunesmith.data.kto_formats import KTO_FORMAT, KTO_KEYS, KTOSample, is_kto_row, other_kind, to_kto
 from tunesmith.data.kto_tokenize import TokenizedKTO, tokenize_kto_rows
+from tunesmith.data.pooling import pool_and_split, refuse_mixtures
 from tunesmith.data.preview import CLOSE, OPEN, PROMPT_STYLE, SHOWN_PROBLEMS, TRAINED_STYLE, decode
 from tunesmith.data.sources import RowResult, iter_file_rows, resolve_files
 from tunesmith.data.validate import BadRowError, OnError, SourceResult
-
-Pool = list[tuple[int, TokenizedKTO]]
-"""Examples of several sources, each with the index of its source."""
 
 BALANCE_RANGE = (1.0, 4 / 3)
 """KTO paper, Eq. 8: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in here."""
@@ -170,20 +166,14 @@ def build_kto_data(cfg: DataConfig, tokenizer: Any, weights: tuple[float, float]
     eval_parts = [_load_source(s, f"data.eval[{i}]", cfg, tokenizer, report) for i, s in enumerate(cfg.eval)]
     check_loss_budget(report, cfg.max_dropped_fraction)
 
-    pool, eval_pool = _pooled(train_parts), _pooled(eval_parts)
-    if cfg.dedup:
-        pool, eval_pool = _dedup(pool, train_parts, report), _dedup(eval_pool, eval_parts, report)
-    if cfg.eval:
-        _count_used(eval_pool, eval_parts)
-    else:  # held-out examples belong to the training sources they came from
-        pool, eval_pool = split_eval(pool, cfg.eval_split, cfg.seed)
-        for k, _ in eval_pool:
-            train_parts[k].report.held_out += 1
-    _count_used(pool, train_parts)
-    train = [example for _, example in pool]
-    if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(train)
-    evaluation = [example for _, example in eval_pool]
+    train, evaluation = pool_and_split(
+        [(p.examples, p.report) for p in train_parts],
+        [(p.examples, p.report) for p in eval_parts],
+        cfg,
+        report,
+        key=lambda e: (tuple(e.prompt_ids), tuple(e.completion_ids), e.desirable),
+        tokens=forward_tokens,
+    )
 
     if len(train) < 2:
         raise DataError(
@@ -233,13 +223,7 @@ def balance_advice(
 def _check_supported(cfg: DataConfig) -> None:
     if cfg.streaming:
         raise DataError("data.streaming is not supported for method kto yet: set data.streaming: false")
-    for i, source in enumerate(cfg.train):
-        key = "weight" if source.weight is not None else "samples" if source.samples is not None else None
-        if key is not None:
-            raise DataError(
-                f"data.train[{i}].{key}: mixtures are not supported for method kto yet; remove {key} "
-                f"(sources are concatenated, each row used once)"
-            )
+    refuse_mixtures(cfg, "method kto", "each row used once")
 
 
 def _load_source(
@@ -262,32 +246,6 @@ def _load_source(
         dropped=len(done.dropped),
     )
     return _Loaded(done.examples, counts)
-
-
-def _pooled(parts: list[_Loaded]) -> Pool:
-    return [(k, example) for k, part in enumerate(parts) for example in part.examples]
-
-
-def _dedup(pool: Pool, parts: list[_Loaded], report: DataReport) -> Pool:
-    """Drop examples whose prompt, completion and label repeat an earlier one's (first one kept)."""
-    seen: set[tuple[tuple[int, ...], tuple[int, ...], bool]] = set()
-    kept = []
-    for k, example in pool:
-        key = (tuple(example.prompt_ids), tuple(example.completion_ids), example.desirable)
-        if key in seen:
-            parts[k].report.duplicates += 1
-            report.duplicates += 1
-            continue
-        seen.add(key)
-        kept.append((k, example))
-    return kept
-
-
-def _count_used(pool: Pool, parts: list[_Loaded]) -> None:
-    for k, example in pool:
-        counts = parts[k].report
-        counts.available, counts.used = counts.available + 1, counts.used + 1
-        counts.tokens += forward_tokens(example)
 
 
 # --- preview ------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ shuffle (`data.seed`), as for SFT. Sources are concatenated, each pair once: mix
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,16 +21,13 @@ from tunesmith.data.build import (
     SourceReport,
     check_loss_budget,
     source_template,
-    split_eval,
 )
 from tunesmith.data.errors import DataError, RowIssue
+from tunesmith.data.pooling import pool_and_split, refuse_mixtures
 from tunesmith.data.preference_formats import PREFERENCE_METHODS
 from tunesmith.data.preference_tokenize import TokenizedPair, tokenize_pairs
 
 __all__ = ["PREFERENCE_METHODS", "PreferenceReport", "TokenizedPair", "build_preference_data"]
-
-Pool = list[tuple[int, TokenizedPair]]
-"""Pairs of several sources, each with the index of its source."""
 
 
 @dataclass
@@ -74,20 +70,14 @@ def build_preference_data(cfg: DataConfig, tokenizer: Any, method: str) -> Built
     ]
     check_loss_budget(report, cfg.max_dropped_fraction)
 
-    pool, eval_pool = _pooled(train_parts), _pooled(eval_parts)
-    if cfg.dedup:
-        pool, eval_pool = _dedup(pool, train_parts, report), _dedup(eval_pool, eval_parts, report)
-    if cfg.eval:
-        _count_used(eval_pool, eval_parts)
-    else:  # held-out pairs belong to the training sources they came from
-        pool, eval_pool = split_eval(pool, cfg.eval_split, cfg.seed)
-        for k, _ in eval_pool:
-            train_parts[k].report.held_out += 1
-    _count_used(pool, train_parts)
-    train = [pair for _, pair in pool]
-    if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(train)
-    evaluation = [pair for _, pair in eval_pool]
+    train, evaluation = pool_and_split(
+        [(p.pairs, p.report) for p in train_parts],
+        [(p.pairs, p.report) for p in eval_parts],
+        cfg,
+        report,
+        key=lambda pair: (tuple(pair.prompt_ids), tuple(pair.chosen_ids), tuple(pair.rejected_ids)),
+        tokens=forward_tokens,
+    )
 
     if not train:
         raise DataError("no training pairs left after reading and tokenizing: " + report.summary())
@@ -113,13 +103,7 @@ def _check_supported(cfg: DataConfig, method: str) -> None:
             f"data.streaming is not supported for preference pairs yet (method {method}): "
             f"set data.streaming: false to load the pairs in memory"
         )
-    for i, source in enumerate(cfg.train):
-        key = "weight" if source.weight is not None else "samples" if source.samples is not None else None
-        if key is not None:
-            raise DataError(
-                f"data.train[{i}].{key}: mixtures are not supported for preference pairs yet; remove "
-                f"{key} (sources are concatenated, each pair used once)"
-            )
+    refuse_mixtures(cfg, "preference pairs", "each pair used once")
 
 
 def _load_source(
@@ -145,29 +129,3 @@ def _load_source(
         dropped=len(done.dropped),
     )
     return _Loaded(done.pairs, counts)
-
-
-def _pooled(parts: list[_Loaded]) -> Pool:
-    return [(k, pair) for k, part in enumerate(parts) for pair in part.pairs]
-
-
-def _dedup(pool: Pool, parts: list[_Loaded], report: DataReport) -> Pool:
-    """Drop pairs whose prompt and answers repeat an earlier pair's tokens (first one kept)."""
-    seen: set[tuple[tuple[int, ...], ...]] = set()
-    kept = []
-    for k, pair in pool:
-        key = (tuple(pair.prompt_ids), tuple(pair.chosen_ids), tuple(pair.rejected_ids))
-        if key in seen:
-            parts[k].report.duplicates += 1
-            report.duplicates += 1
-            continue
-        seen.add(key)
-        kept.append((k, pair))
-    return kept
-
-
-def _count_used(pool: Pool, parts: list[_Loaded]) -> None:
-    for k, pair in pool:
-        counts = parts[k].report
-        counts.available, counts.used = counts.available + 1, counts.used + 1
-        counts.tokens += forward_tokens(pair)

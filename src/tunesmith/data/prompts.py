@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -31,7 +30,6 @@ from tunesmith.data.build import (
     SourceReport,
     check_loss_budget,
     source_template,
-    split_eval,
 )
 from tunesmith.data.conversation import Message, RowRef
 from tunesmith.data.errors import DataError, RowIssue
@@ -47,6 +45,7 @@ from tunesmith.data.formats import (
     type_name,
 )
 from tunesmith.data.limits import value_problem
+from tunesmith.data.pooling import pool_and_split, refuse_mixtures
 
 PROMPT_FORMAT = "prompts"
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")
@@ -271,21 +270,14 @@ def build_prompt_data(
         report.dropped.extend(part.dropped)
     check_loss_budget(report, cfg.max_dropped_fraction)
 
-    pool = [(k, p) for k, part in enumerate(train_parts) for p in part.prompts]
-    eval_pool = [(k, p) for k, part in enumerate(eval_parts) for p in part.prompts]
-    if cfg.dedup:
-        pool, eval_pool = _dedup(pool, train_parts, report), _dedup(eval_pool, eval_parts, report)
-    if cfg.eval:
-        _count_used(eval_pool, eval_parts)
-    else:
-        pool, eval_pool = split_eval(pool, cfg.eval_split, cfg.seed)
-        for k, _ in eval_pool:
-            train_parts[k].report.held_out += 1
-    _count_used(pool, train_parts)
-    train = [p for _, p in pool]
-    if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(train)
-    evaluation = [p for _, p in eval_pool]
+    train, evaluation = pool_and_split(
+        [(p.prompts, p.report) for p in train_parts],
+        [(p.prompts, p.report) for p in eval_parts],
+        cfg,
+        report,
+        key=_key,
+        tokens=lambda prompt: len(prompt.prompt_ids),
+    )
     if not train:
         raise DataError("no training prompts left after reading and tokenizing: " + report.summary())
     report.sources = [p.report for p in train_parts + eval_parts]
@@ -295,41 +287,11 @@ def build_prompt_data(
 
 
 def _check_supported(cfg: DataConfig) -> None:
-    for i, source in enumerate(cfg.train):
-        key = "weight" if source.weight is not None else "samples" if source.samples is not None else None
-        if key is not None:
-            raise DataError(
-                f"data.train[{i}].{key}: mixtures are not supported for GRPO prompts yet; remove {key} "
-                "(sources are concatenated, each prompt used once per epoch)"
-            )
+    refuse_mixtures(cfg, "GRPO prompts", "each prompt used once per epoch")
 
 
 def _key(prompt: TokenizedPrompt) -> str:
     return json.dumps([prompt.prompt_ids, prompt.columns], sort_keys=True, default=str)
-
-
-def _dedup(
-    pool: list[tuple[int, TokenizedPrompt]], parts: list[_Loaded], report: DataReport
-) -> list[tuple[int, TokenizedPrompt]]:
-    """Drop prompts whose tokens and columns repeat an earlier prompt's (the first one is kept)."""
-    seen: set[str] = set()
-    kept = []
-    for k, prompt in pool:
-        key = _key(prompt)
-        if key in seen:
-            parts[k].report.duplicates += 1
-            report.duplicates += 1
-            continue
-        seen.add(key)
-        kept.append((k, prompt))
-    return kept
-
-
-def _count_used(pool: list[tuple[int, TokenizedPrompt]], parts: list[_Loaded]) -> None:
-    for k, prompt in pool:
-        counts = parts[k].report
-        counts.available, counts.used = counts.available + 1, counts.used + 1
-        counts.tokens += len(prompt.prompt_ids)
 
 
 def prompts_fingerprint(prompts: Sequence[TokenizedPrompt]) -> str:
