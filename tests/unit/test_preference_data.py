@@ -249,8 +249,8 @@ def test_a_prompt_that_is_not_shared_by_both_answers_is_reported(tokenizer):
         RowIssue(
             RowRef("f", 1),
             "chat template: chosen: the chat template renders the prompt differently when the chosen answer "
-            "follows it (the prompt with the generation prompt is not a prefix of prompt + chosen), so the "
-            "two answers would not share one prompt",
+            "follows it (the prompt with the generation prompt is not a prefix of prompt + chosen answer), so "
+            "the chosen answer cannot be scored after the prompt the model is given at inference",
         )
     ]
     merged = tokenize_pairs([_pair(2)], tokenizer, MERGING, 64)

@@ -16,14 +16,15 @@ completion alone leaves no room for a prompt token, the row is dropped and repor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
+from tunesmith.data.answer_tokens import answer_ids, render_prompt
 from tunesmith.data.batch_tokenize import failure_reason
-from tunesmith.data.conversation import Conversation, RowRef
+from tunesmith.data.conversation import RowRef
 from tunesmith.data.errors import DataError, RowIssue
 from tunesmith.data.kto_formats import KTOSample
-from tunesmith.data.tokenize import Reasoning, _template_message, render, trained_char_spans
+from tunesmith.data.tokenize import Reasoning
 
 
 @dataclass(frozen=True)
@@ -71,50 +72,19 @@ def tokenize_kto_rows(
 def tokenize_kto(
     tokenizer: Any, template: str, sample: KTOSample, seq_len: int, reasoning: Reasoning = "keep"
 ) -> TokenizedKTO:
-    messages = [_template_message(m, reasoning) for m in sample.prompt]
-    prompt_text = render(tokenizer, template, messages, sample.tools, add_generation_prompt=True)
-    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-    completion = _completion_ids(tokenizer, template, sample, (prompt_text, prompt_ids), reasoning)
-    return fit_example(prompt_ids, completion, sample.desirable, sample.source, seq_len)
-
-
-def _completion_ids(
-    tokenizer: Any, template: str, sample: KTOSample, prompt: tuple[str, list[int]], reasoning: Reasoning
-) -> list[int]:
-    """The completion's tokens after the prompt, checked to follow exactly the prompt's own tokens."""
-    prompt_text, prompt_ids = prompt
-    conv = Conversation(
-        tuple(replace(m, weight=0.0) for m in sample.prompt)
-        + tuple(replace(m, weight=1.0) for m in sample.completion),
+    prompt = render_prompt(tokenizer, template, sample.prompt, sample.tools, reasoning)
+    completion = answer_ids(
+        tokenizer,
+        template,
+        sample.prompt,
+        sample.completion,
         sample.source,
         sample.tools,
+        prompt,
+        reasoning,
+        name="completion",
     )
-    text, spans = trained_char_spans(tokenizer, template, conv, reasoning=reasoning)
-    boundary = len(prompt_text)
-    if not text.startswith(prompt_text):
-        raise DataError(
-            "the chat template renders the prompt differently when the completion follows it (the prompt "
-            "with the generation prompt is not a prefix of prompt + completion), so the completion cannot "
-            "be scored after the prompt the model is given at inference"
-        )
-    if not spans or spans[0][0] < boundary:
-        raise DataError("cannot locate the completion after the prompt in the rendered conversation")
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(encoding["input_ids"])
-    starts = [start for start, _ in encoding["offset_mapping"]]
-    cut = len(prompt_ids)
-    if ids[:cut] != prompt_ids or (cut < len(starts) and starts[cut] < boundary):
-        raise DataError(
-            "the prompt's tokens change when the completion follows it (a token spans the end of the "
-            "prompt and the start of the completion), so prompt and completion cannot be split"
-        )
-    end = spans[-1][1]
-    stop = cut
-    while stop < len(starts) and starts[stop] < end:
-        stop += 1
-    if stop == cut:
-        raise DataError("the completion renders to no tokens")
-    return ids[cut:stop]
+    return fit_example(prompt.ids, completion, sample.desirable, sample.source, seq_len)
 
 
 def fit_example(

@@ -20,11 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tunesmith.data.answer_tokens import answer_ids, render_prompt
 from tunesmith.data.batch_tokenize import failure_reason
-from tunesmith.data.conversation import Conversation, Message, RowRef
+from tunesmith.data.conversation import RowRef
 from tunesmith.data.errors import DataError, RowIssue
 from tunesmith.data.preference_formats import PreferenceSample
-from tunesmith.data.tokenize import Reasoning, _template_message, render, trained_char_spans
+from tunesmith.data.tokenize import Reasoning
 
 
 @dataclass(frozen=True)
@@ -77,59 +78,24 @@ def tokenize_pairs(
 def tokenize_pair(
     tokenizer: Any, template: str, sample: PreferenceSample, seq_len: int, reasoning: Reasoning = "keep"
 ) -> TokenizedPair:
-    messages = [_template_message(m, reasoning) for m in sample.prompt]
-    prompt_text = render(tokenizer, template, messages, sample.tools, add_generation_prompt=True)
-    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    prompt = render_prompt(tokenizer, template, sample.prompt, sample.tools, reasoning)
     chosen, rejected = (
-        _completion_ids(tokenizer, template, sample, answer, key, (prompt_text, prompt_ids), reasoning)
+        answer_ids(
+            tokenizer,
+            template,
+            sample.prompt,
+            answer,
+            sample.source,
+            sample.tools,
+            prompt,
+            reasoning,
+            name=f"{key} answer",
+            label=f"{key}: ",
+        )
         for key, answer in (("chosen", sample.chosen), ("rejected", sample.rejected))
     )
-    pair = fit_pair(prompt_ids, chosen, rejected, sample.source, seq_len)
+    pair = fit_pair(prompt.ids, chosen, rejected, sample.source, seq_len)
     return replace(pair, margin=sample.margin) if sample.margin is not None else pair
-
-
-def _completion_ids(
-    tokenizer: Any,
-    template: str,
-    sample: PreferenceSample,
-    answer: tuple[Message, ...],
-    key: str,
-    prompt: tuple[str, list[int]],
-    reasoning: Reasoning,
-) -> list[int]:
-    """The answer's tokens after the prompt, checked to follow exactly the shared prompt's tokens."""
-    prompt_text, prompt_ids = prompt
-    conv = Conversation(
-        tuple(replace(m, weight=0.0) for m in sample.prompt) + tuple(replace(m, weight=1.0) for m in answer),
-        sample.source,
-        sample.tools,
-    )
-    text, spans = trained_char_spans(tokenizer, template, conv, reasoning=reasoning)
-    boundary = len(prompt_text)
-    if not text.startswith(prompt_text):
-        raise DataError(
-            f"{key}: the chat template renders the prompt differently when the {key} answer follows it "
-            f"(the prompt with the generation prompt is not a prefix of prompt + {key}), so the two "
-            f"answers would not share one prompt"
-        )
-    if not spans or spans[0][0] < boundary:
-        raise DataError(f"{key}: cannot locate the answer after the prompt in the rendered conversation")
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(encoding["input_ids"])
-    starts = [start for start, _ in encoding["offset_mapping"]]
-    cut = len(prompt_ids)
-    if ids[:cut] != prompt_ids or (cut < len(starts) and starts[cut] < boundary):
-        raise DataError(
-            f"{key}: the prompt's tokens change when the {key} answer follows it (a token spans the end "
-            f"of the prompt and the start of the answer), so the two answers would not share one prompt"
-        )
-    end = spans[-1][1]
-    stop = cut
-    while stop < len(starts) and starts[stop] < end:
-        stop += 1
-    if stop == cut:
-        raise DataError(f"{key}: the answer renders to no tokens")
-    return ids[cut:stop]
 
 
 def fit_pair(

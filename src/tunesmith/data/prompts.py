@@ -163,9 +163,9 @@ def tokenize_prompt(
     tokenizer: Any, template: str, sample: PromptSample, reasoning: str = "keep"
 ) -> list[int]:
     """The ids the model is given at inference: the template's rendering with the generation prompt."""
-    from tunesmith.data.tokenize import _template_message, render
+    from tunesmith.data.tokenize import render, template_message
 
-    messages = [_template_message(m, reasoning) for m in sample.prompt]  # type: ignore[arg-type]
+    messages = [template_message(m, reasoning) for m in sample.prompt]  # type: ignore[arg-type]
     text = render(tokenizer, template, messages, sample.tools, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

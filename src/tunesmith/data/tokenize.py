@@ -83,7 +83,7 @@ def trained_messages(
     return chosen[-1:] if mask_history else chosen
 
 
-def _template_message(message: Message, reasoning: Reasoning) -> dict[str, Any]:
+def template_message(message: Message, reasoning: Reasoning) -> dict[str, Any]:
     """The dict the template sees: reasoning stripped on request, tool arguments as objects.
 
     OpenAI data stores ``function.arguments`` as a JSON string while chat templates expect a dict
@@ -121,7 +121,7 @@ def trained_char_spans(
     reasoning: Reasoning = "keep",
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the [start, end) character spans whose tokens are trained."""
-    messages = [_template_message(m, reasoning) for m in conv.messages]
+    messages = [template_message(m, reasoning) for m in conv.messages]
     full = render(tokenizer, template, messages, conv.tools, add_generation_prompt=False)
     if train_on_prompt and not mask_history and all(m.weight is None for m in conv.messages):
         return full, [(0, len(full))]
