@@ -35,7 +35,8 @@ from tunesmith.data.formats import DEFAULT_MAX_CHARS, RowError
 from tunesmith.data.kto_formats import KTO_FORMAT, KTO_KEYS, KTOSample, is_kto_row, other_kind, to_kto
 from tunesmith.data.kto_tokenize import TokenizedKTO, tokenize_kto_rows
 from tunesmith.data.pooling import pool_and_split, refuse_mixtures
-from tunesmith.data.preview import CLOSE, OPEN, PROMPT_STYLE, SHOWN_PROBLEMS, TRAINED_STYLE, decode
+from tunesmith.data.preference_preview import marked_parts, rich_parts
+from tunesmith.data.preview import SHOWN_PROBLEMS, decode
 from tunesmith.data.sources import RowResult, iter_file_rows, resolve_files
 from tunesmith.data.validate import BadRowError, OnError, SourceResult
 
@@ -269,25 +270,12 @@ def kto_header(example: TokenizedKTO, index: int, total: int) -> str:
 
 def marked_kto(tokenizer: Any, example: TokenizedKTO) -> str:
     """The example as labelled blocks, the scored completion wrapped in `[[` `]]`."""
-    blocks = []
-    for name, ids in kto_parts(example):
-        text = decode(tokenizer, ids)
-        blocks.append(f"{name}:\n{text if name == 'prompt' else OPEN + text + CLOSE}")
-    return "\n".join(block if block.endswith("\n") else block + "\n" for block in blocks)
+    return marked_parts(tokenizer, kto_parts(example))
 
 
 def rich_kto(tokenizer: Any, example: TokenizedKTO) -> Any:
     """The example as a `rich.text.Text`: labels bold, the prompt dim, the completion bold green."""
-    from rich.text import Text
-
-    text = Text()
-    for name, ids in kto_parts(example):
-        text.append(f"{name}:\n", style="bold")
-        body = decode(tokenizer, ids)
-        text.append(body, style=PROMPT_STYLE if name == "prompt" else TRAINED_STYLE)
-        if not body.endswith("\n"):
-            text.append("\n")
-    return text
+    return rich_parts(tokenizer, kto_parts(example))
 
 
 def kto_record(tokenizer: Any, example: TokenizedKTO) -> dict[str, Any]:

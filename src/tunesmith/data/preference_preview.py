@@ -13,6 +13,32 @@ from tunesmith.data.build import BuiltData
 from tunesmith.data.preference_tokenize import TokenizedPair
 from tunesmith.data.preview import CLOSE, OPEN, PROMPT_STYLE, SHOWN_PROBLEMS, TRAINED_STYLE, decode
 
+Parts = list[tuple[str, list[int]]]
+"""Labelled id lists; the first, "prompt", is shown dim and unscored, the others as scored."""
+
+
+def marked_parts(tokenizer: Any, parts: Parts) -> str:
+    """Labelled blocks, each scored part wrapped in `[[` `]]`."""
+    blocks = []
+    for name, ids in parts:
+        text = decode(tokenizer, ids)
+        blocks.append(f"{name}:\n{text if name == 'prompt' else OPEN + text + CLOSE}")
+    return "\n".join(block if block.endswith("\n") else block + "\n" for block in blocks)
+
+
+def rich_parts(tokenizer: Any, parts: Parts) -> Any:
+    """Labelled blocks as a `rich.text.Text`: labels bold, the prompt dim, scored parts bold green."""
+    from rich.text import Text
+
+    text = Text()
+    for name, ids in parts:
+        text.append(f"{name}:\n", style="bold")
+        body = decode(tokenizer, ids)
+        text.append(body, style=PROMPT_STYLE if name == "prompt" else TRAINED_STYLE)
+        if not body.endswith("\n"):
+            text.append("\n")
+    return text
+
 
 def pair_parts(pair: TokenizedPair) -> list[tuple[str, list[int]]]:
     return [("prompt", pair.prompt_ids), ("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)]
@@ -28,25 +54,12 @@ def pair_header(pair: TokenizedPair, index: int, total: int) -> str:
 
 def marked_pair(tokenizer: Any, pair: TokenizedPair) -> str:
     """The pair as labelled blocks, each scored completion wrapped in `[[` `]]`."""
-    blocks = []
-    for name, ids in pair_parts(pair):
-        text = decode(tokenizer, ids)
-        blocks.append(f"{name}:\n{text if name == 'prompt' else OPEN + text + CLOSE}")
-    return "\n".join(block if block.endswith("\n") else block + "\n" for block in blocks)
+    return marked_parts(tokenizer, pair_parts(pair))
 
 
 def rich_pair(tokenizer: Any, pair: TokenizedPair) -> Any:
     """The pair as a `rich.text.Text`: labels bold, the prompt dim, the completions bold green."""
-    from rich.text import Text
-
-    text = Text()
-    for name, ids in pair_parts(pair):
-        text.append(f"{name}:\n", style="bold")
-        body = decode(tokenizer, ids)
-        text.append(body, style=PROMPT_STYLE if name == "prompt" else TRAINED_STYLE)
-        if not body.endswith("\n"):
-            text.append("\n")
-    return text
+    return rich_parts(tokenizer, pair_parts(pair))
 
 
 def pair_record(tokenizer: Any, pair: TokenizedPair) -> dict[str, Any]:
