@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +29,10 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from side_by_side import interleaved, peak_rss_bytes, run_worker, worker_main, write_results  # noqa: E402
+
 TOOLS = ("tunesmith", "trl")
 
 SENTENCE = (
@@ -74,10 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- workers
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def run_tunesmith(spec: dict[str, Any]) -> dict[str, Any]:
@@ -206,46 +203,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def worker(spec_path: Path) -> None:
-    spec = json.loads(spec_path.read_text())
-    from tunesmith.cli.quiet import quiet_libraries
-
-    quiet_libraries(verbose=False)
-    result = run_tunesmith(spec) if spec["tool"] == "tunesmith" else run_trl(spec)
-    (Path(spec["work_dir"]) / "result.json").write_text(json.dumps(result))
-
-
 # ----------------------------------------------------------------------------- driver
-
-
-def run_one(tool: str, args: argparse.Namespace, pairs_jsonl: Path, repeat: int) -> dict[str, Any]:
-    work = args.work_dir / f"{tool}-{repeat}"
-    work.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "tool": tool,
-        "work_dir": str(work),
-        "pairs_jsonl": str(pairs_jsonl),
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "lr": args.lr,
-        "beta": args.beta,
-        "seed": args.seed,
-    }
-    (work / "spec.json").write_text(json.dumps(spec))
-    (work / "result.json").unlink(missing_ok=True)
-    start = time.perf_counter()
-    with open(work / "log.txt", "w", encoding="utf-8") as log:
-        code = subprocess.call(
-            [sys.executable, __file__, "--worker", str(work / "spec.json")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    if code != 0 or not (work / "result.json").is_file():
-        tail = (work / "log.txt").read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{tool} run {repeat} failed (exit {code}):\n{tail}")
-    result = json.loads((work / "result.json").read_text())
-    result["process_s"] = time.perf_counter() - start
-    return result
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -289,47 +247,23 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
-        worker(args.worker)
+        worker_main(args.worker, {"tunesmith": run_tunesmith, "trl": run_trl})
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     pairs_jsonl = args.work_dir / "pairs.jsonl"
     pairs_jsonl.write_text("".join(json.dumps(p) + "\n" for p in make_pairs(args.pairs, args.seed)))
-    runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in TOOLS}
-    for repeat in range(args.repeats):
-        for tool in TOOLS:
-            runs[tool].append(run_one(tool, args, pairs_jsonl, repeat))
-            print(
-                f"{tool} repeat {repeat + 1}: {runs[tool][-1]['tokens'] / runs[tool][-1]['train_s']:.1f} tok/s"
-            )
-    summary = summarize(runs)
-    import torch
+    keys = ("batch", "seq_len", "lr", "beta", "seed")
+    spec = {"pairs_jsonl": str(pairs_jsonl), **{k: getattr(args, k) for k in keys}}
 
-    results = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "runs": runs,
-        "summary": summary,
-    }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(results, indent=1))
-    print(f"\n{results['cpu']}, {results['threads']} threads, torch {results['torch']}\n")
-    print(markdown(summary))
+    def run(tool: str, repeat: int) -> dict[str, Any]:
+        return run_worker(__file__, args.work_dir / f"{tool}-{repeat}", {"tool": tool, **spec})
+
+    runs = interleaved(TOOLS, args.repeats, run, lambda r: f"{r['tokens'] / r['train_s']:.1f} tok/s")
+    summary = summarize(runs)
+    write_results(args, runs, summary, markdown(summary))
 
 
 if __name__ == "__main__":

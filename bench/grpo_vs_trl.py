@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from dpo_vs_trl import cpu_name, peak_rss_bytes  # noqa: E402
+from side_by_side import interleaved, peak_rss_bytes, run_worker, worker_main, write_results  # noqa: E402
 
 TOOLS = ("tunesmith", "trl")
 PROMPTS = REPO / "examples" / "data" / "arithmetic_prompts.jsonl"
@@ -182,35 +181,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def worker(spec_path: Path) -> None:
-    spec = json.loads(spec_path.read_text())
-    from tunesmith.cli.quiet import quiet_libraries
-
-    quiet_libraries(verbose=False)
-    result = run_tunesmith(spec) if spec["tool"] == "tunesmith" else run_trl(spec)
-    (Path(spec["work_dir"]) / "result.json").write_text(json.dumps(result))
-
-
 # ----------------------------------------------------------------------------- driver
-
-
-def run_one(tool: str, args: argparse.Namespace, repeat: int) -> dict[str, Any]:
-    work = args.work_dir / f"{tool}-{repeat}"
-    work.mkdir(parents=True, exist_ok=True)
-    keys = ("steps", "prompts", "generations", "max_new", "lr", "seed")
-    spec = {"tool": tool, "work_dir": str(work), **{k: getattr(args, k) for k in keys}}
-    (work / "spec.json").write_text(json.dumps(spec))
-    (work / "result.json").unlink(missing_ok=True)
-    with open(work / "log.txt", "w", encoding="utf-8") as log:
-        code = subprocess.call(
-            [sys.executable, __file__, "--worker", str(work / "spec.json")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    if code != 0 or not (work / "result.json").is_file():
-        tail = (work / "log.txt").read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{tool} run {repeat} failed (exit {code}):\n{tail}")
-    return json.loads((work / "result.json").read_text())
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -256,31 +227,18 @@ def markdown(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
-        worker(args.worker)
+        worker_main(args.worker, {"tunesmith": run_tunesmith, "trl": run_trl})
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in TOOLS}
-    for repeat in range(args.repeats):
-        for tool in TOOLS:
-            runs[tool].append(run_one(tool, args, repeat))
-            r = runs[tool][-1]
-            print(f"{tool} repeat {repeat + 1}: {r['train_s'] / r['steps']:.1f} s/step")
-    summary = summarize(runs)
-    import torch
+    keys = ("steps", "prompts", "generations", "max_new", "lr", "seed")
+    spec = {k: getattr(args, k) for k in keys}
 
-    results = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "runs": runs,
-        "summary": summary,
-    }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(results, indent=1))
-    print(f"\n{results['cpu']}, {results['threads']} threads, torch {results['torch']}\n")
-    print(markdown(summary))
+    def run(tool: str, repeat: int) -> dict[str, Any]:
+        return run_worker(__file__, args.work_dir / f"{tool}-{repeat}", {"tool": tool, **spec})
+
+    runs = interleaved(TOOLS, args.repeats, run, lambda r: f"{r['train_s'] / r['steps']:.1f} s/step")
+    summary = summarize(runs)
+    write_results(args, runs, summary, markdown(summary))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import threading
@@ -34,6 +33,10 @@ from typing import Any
 import torch
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from side_by_side import cpu_name  # noqa: E402
+
 QUESTIONS = [
     "Write a long story about a lighthouse keeper who befriends a whale.",
     "Explain in detail how a bicycle stays upright while moving.",
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()},
         "model": args.model,
         "dtype": args.dtype,
         "new_tokens": n,
