@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import base_config
 from tunesmith.config.load import load_config
@@ -78,6 +79,56 @@ def test_accumulation_equals_the_bigger_batch(tiny_model_dirs, tmp_path):
     )
     assert big.steps == acc.steps == 3
     assert big.losses == pytest.approx(acc.losses, abs=1e-6)
+
+
+RPO_PAIRS = [
+    (f"Question {i}: is the sky blue?", "Yes" + ", it is blue" * (1 + (5 * i) % 7) + ".", f"No, green {i}.")
+    for i in range(8)
+]
+"""Chosen answers of very different lengths: micro-batches hold unequal numbers of chosen tokens."""
+
+
+def test_rpo_accumulation_equals_the_bigger_batch(tiny_model_dirs, tmp_path, monkeypatch):
+    """With rpo_alpha, 2 micro-batches of 2 pairs give the loss and gradients of 1 of 4 (fp32).
+
+    The NLL term is a token mean over the chosen answers of the whole step; a mean per micro-batch
+    weighs a token of a short micro-batch above one of a long one.
+    """
+    from tunesmith.training import loop
+
+    grads: dict[str, list[dict[str, torch.Tensor]]] = {}
+    clip = loop.Trainer._clip
+
+    def recording_clip(self, max_norm):
+        named = self.wrapped.named_parameters()
+        grads[self.run_dir.name].append({n: p.grad.clone() for n, p in named if p.grad is not None})
+        return clip(self, max_norm)
+
+    monkeypatch.setattr(loop.Trainer, "_clip", recording_clip)
+    data = tmp_path / "p.jsonl"
+    with open(data, "w", encoding="utf-8") as handle:
+        for prompt, chosen, rejected in RPO_PAIRS:
+            handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    results = {}
+    for name, shape in {"big": dict(batch_size=4), "acc": dict(batch_size=2, grad_accum=2)}.items():
+        grads[name] = []
+        cfg = _cfg(tiny_model_dirs["llama"], data, tmp_path / name, "full", precision="fp32", **shape)
+        cfg["dpo"] = {"rpo_alpha": 0.7}
+        results[name] = train(load_config(cfg), show_progress=False)
+    big, acc = results["big"], results["acc"]
+    assert big.steps == acc.steps == 2
+    assert big.losses == pytest.approx(acc.losses, abs=1e-6)
+    assert big.losses[0] > math.log(2) + 0.1  # the NLL term is in the loss
+    for step_big, step_acc in zip(grads["big"], grads["acc"], strict=True):
+        assert step_big.keys() == step_acc.keys() and step_big
+        for name, grad in step_big.items():
+            torch.testing.assert_close(step_acc[name], grad, rtol=0, atol=1e-6, msg=name)
+    for name in ("big", "acc"):  # the NLL metric is the same token mean
+        rows = _rows(tmp_path / name)
+        assert all("nll_loss" in row for row in rows)
+    assert [r["nll_loss"] for r in _rows(tmp_path / "big")] == pytest.approx(
+        [r["nll_loss"] for r in _rows(tmp_path / "acc")], abs=1e-6
+    )
 
 
 def test_resume_is_exact(tiny_model_dirs, tmp_path):

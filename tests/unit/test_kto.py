@@ -20,6 +20,7 @@ from tunesmith.data.kto_tokenize import TokenizedKTO
 from tunesmith.data.validate import BadRowError
 from tunesmith.training.loop import train
 from tunesmith.training.methods.kto import KTO, KTOScorer, collate_kto
+from tunesmith.training.metrics import step_metric_means
 
 PARITY_TOL = 1e-5
 """fp32 parity with TRL: the loss absolutely, each gradient tensor relative to its largest entry."""
@@ -287,6 +288,18 @@ def _perturbed(model: torch.nn.Module, names: str = "", seed: int = 0) -> None:
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
 
 
+def _logged(method: KTO, outs: list[Any]) -> dict[str, float]:
+    """The metrics the loop logs for a step of these micro-batches on one process."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for out in outs:
+        for name, value in out.metrics.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        for name, value in out.metric_counts.items():
+            counts[name] = counts.get(name, 0.0) + float(value)
+    return method.finish_metrics(step_metric_means(sums, counts, sum(int(out.count) for out in outs)))
+
+
 def _trl_trainer(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, out: Path) -> Any:
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
@@ -359,6 +372,7 @@ def test_loss_and_every_gradient_match_trl(adapter, attention, tiny_model_dirs, 
     assert abs(our_loss.item() - their_loss.item()) <= PARITY_TOL
     trl_metrics = trainer._metrics["train"]
     assert trl_metrics["kl"][-1] > 0  # the KL estimate is exercised, not clamped away
+    means = _logged(method, [out])
     for name in (
         "kl",
         "rewards/chosen",
@@ -367,9 +381,7 @@ def test_loss_and_every_gradient_match_trl(adapter, attention, tiny_model_dirs, 
         "logps/rejected",
         "rewards/margins",
     ):
-        assert out.metrics[name] / len(rows) == pytest.approx(
-            trl_metrics[name][-1], abs=PARITY_TOL, rel=PARITY_TOL
-        )
+        assert means[name] == pytest.approx(trl_metrics[name][-1], abs=PARITY_TOL, rel=PARITY_TOL)
     their_params = dict(trainer.model.named_parameters())
     compared = 0
     for name, param in ours.named_parameters():
@@ -467,6 +479,47 @@ def test_accumulation_equals_the_bigger_batch_over_all_examples(tiny_model_dirs,
         runs[name] = _rows(tmp_path / name)[0]
     assert runs["big"]["loss"] == pytest.approx(runs["acc"]["loss"], abs=1e-6)
     assert runs["big"]["grad_norm"] == pytest.approx(runs["acc"]["grad_norm"], rel=1e-5)
+    for name in CLASS_MEANS:  # class means over the step's examples, not micro-batch means
+        assert runs["acc"][name] == pytest.approx(runs["big"][name], abs=1e-6), name
+    assert runs["big"]["logps/chosen"] < 0 and runs["big"]["logps/rejected"] < 0
+
+
+CLASS_MEANS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+@pytest.mark.parametrize(
+    "labels", [(True, True, True, False, True, False), (True, True, True, True, False, False)]
+)
+def test_class_means_do_not_depend_on_how_the_examples_are_split(labels, tiny_model_dirs, tmp_path):
+    """The metrics of micro-batches of 4 + 2 examples are those of one micro-batch of all 6.
+
+    The policy is moved off the reference, so rewards are not 0. The second split leaves each
+    micro-batch one class only: a class mean per micro-batch would count the missing class as 0.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models.attention import packed_mask_kind
+
+    model_dir = tiny_model_dirs["llama"]
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    _perturbed(policy)
+    examples = [
+        _example([1, 30 + i, 31 + i], [40 + i] * (2 + 3 * i % 5), label, i) for i, label in enumerate(labels)
+    ]
+    method = KTO()
+    method.cfg = load_config(_cfg(model_dir, tmp_path / "unused.jsonl", tmp_path / "run", "full"))
+    scorer = KTOScorer(policy, 16, reference)
+    mask = packed_mask_kind("sdpa")
+
+    def out(part: list[TokenizedKTO]) -> Any:
+        return method.compute_loss(scorer, collate_kto(part, 2, mask, seq_len=64).tensors)
+
+    whole = _logged(method, [out(examples)])
+    split = _logged(method, [out(examples[:4]), out(examples[4:])])
+    for name in CLASS_MEANS:
+        assert split[name] == pytest.approx(whole[name], abs=1e-6), name
+    assert abs(whole["rewards/chosen"]) > 1e-3 and abs(whole["rewards/rejected"]) > 1e-3
 
 
 def test_resume_is_exact(tiny_model_dirs, tmp_path):

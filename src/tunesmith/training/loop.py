@@ -24,8 +24,8 @@ from tunesmith.training.checkpoint import (
 from tunesmith.training.durable import write_text_atomic
 from tunesmith.training.errors import TrainingDiverged
 from tunesmith.training.methods import get_method
-from tunesmith.training.methods.base import Method, PreparedData
-from tunesmith.training.metrics import MetricsLog, plot_curves
+from tunesmith.training.methods.base import LossOutput, Method, PreparedData, finish_metrics, term_units
+from tunesmith.training.metrics import MetricsLog, plot_curves, step_metric_means
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.precision import (
     accelerate_mixed_precision,
@@ -325,24 +325,22 @@ class Trainer(CheckpointingMixin):
         done = self.state.micro_batches_done
         return self._epoch_end(done - 1) == done
 
-    def _global_sum(self, value: int) -> int:
-        if self.accelerator.num_processes == 1:
-            return value
-        tensor = torch.tensor([value], device=self.accelerator.device)
-        return int(self.accelerator.reduce(tensor, reduction="sum").item())
-
     def _train_step(self) -> dict[str, Any]:
         t = self.cfg.train
         first = self.state.micro_batches_done
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         count = self._micro_count(first)
         micro = [self.stream.micro_batch((first + i) * world + rank) for i in range(count)]
-        step_units = self._global_sum(sum(mb.units for mb in micro))
-        scale = self.accelerator.num_processes / max(step_units, 1)
+        step_units, step_terms = self._step_units(micro)
+        scale = world / max(step_units, 1)
+        term_scales = {name: world / max(n, 1) for name, n in step_terms.items()}
         loss_total = 0.0
         metric_sums: dict[str, float] = {}
+        metric_counts: dict[str, float] = {}
         for i, mb in enumerate(micro):
-            loss_total += self._backward(mb, scale, metric_sums, sync=i == len(micro) - 1)
+            loss_total += self._backward(
+                mb, scale, term_scales, metric_sums, metric_counts, sync=i == len(micro) - 1
+            )
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer.optimizer)  # norms and clipping see the true gradients
         grad_norm = self._clip(t.max_grad_norm)
@@ -381,7 +379,7 @@ class Trainer(CheckpointingMixin):
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "tokens": self.state.tokens_seen,
             "trained_tokens": self.state.trained_tokens_seen,
-            **self._metric_means(metric_sums, step_units),
+            **self._metric_means(metric_sums, metric_counts, step_units),
             **({"skipped": True} if skipped else {}),
             **(
                 {"loss_scale": self.scaler.get_scale(), "overflow_steps": self.state.overflow_steps}
@@ -429,15 +427,57 @@ class Trainer(CheckpointingMixin):
             f"step{set_aside_note}. {self._last_good_hint()}"
         )
 
-    def _metric_means(self, sums: dict[str, float], step_units: int) -> dict[str, float]:
-        """A method's metrics (sums over its units) as means over the step's units on every process."""
+    def _step_units(self, micro: list[MicroBatch]) -> tuple[int, dict[str, int]]:
+        """The step's loss units and the units of each further loss term, on all processes (one reduce)."""
+        terms: dict[str, int] = {}
+        for mb in micro:
+            for name, n in term_units(self.method, mb).items():
+                terms[name] = terms.get(name, 0) + n
+        names = sorted(terms)
+        local = [sum(mb.units for mb in micro), *(terms[name] for name in names)]
+        if self.accelerator.num_processes == 1:
+            totals = local
+        else:
+            tensor = torch.tensor(local, device=self.accelerator.device)
+            totals = [int(v) for v in self.accelerator.reduce(tensor, reduction="sum").tolist()]
+        return totals[0], dict(zip(names, totals[1:], strict=True))
+
+    def _metric_means(
+        self, sums: dict[str, float], counts: dict[str, float], step_units: int
+    ) -> dict[str, float]:
+        """A method's metrics (sums) as means over the step on every process: over their own counts
+        where the method gave them, over the step's units otherwise."""
         if not sums:
             return {}
-        names = sorted(sums)
-        values = [self._global_sum_float(sums[name]) for name in names]
-        return {name: value / max(step_units, 1) for name, value in zip(names, values, strict=True)}
+        names, count_names = sorted(sums), sorted(counts)
+        values = self._global_sums_float(
+            [sums[name] for name in names] + [counts[name] for name in count_names]
+        )
+        total_sums = dict(zip(names, values[: len(names)], strict=True))
+        total_counts = dict(zip(count_names, values[len(names) :], strict=True))
+        return finish_metrics(self.method, step_metric_means(total_sums, total_counts, step_units))
 
-    def _backward(self, mb: MicroBatch, scale: float, metric_sums: dict[str, float], sync: bool) -> float:
+    def _scaled_loss(self, out: LossOutput, scale: float, term_scales: dict[str, float]) -> torch.Tensor:
+        """The micro-batch's share of the step's loss: each part divided by the step's count of its unit."""
+        loss = out.loss_sum * scale
+        for name, value in out.terms.items():
+            if name not in term_scales:
+                raise ValueError(
+                    f"method {self.method.name}: its loss has a term in {name!r} units, but its term_units() "
+                    f"gave no count of them; count {name!r} in term_units() for every micro-batch"
+                )
+            loss = loss + value * term_scales[name]
+        return loss
+
+    def _backward(
+        self,
+        mb: MicroBatch,
+        scale: float,
+        term_scales: dict[str, float],
+        metric_sums: dict[str, float],
+        metric_counts: dict[str, float],
+        sync: bool,
+    ) -> float:
         batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
         sync_context = self.accelerator.no_sync(self.wrapped) if not sync else contextlib.nullcontext()
         offload = (
@@ -447,9 +487,11 @@ class Trainer(CheckpointingMixin):
         )
         with sync_context, offload, self._autocast():
             out = self.method.compute_loss(self.wrapped, batch)
-            loss = out.loss_sum * scale
+            loss = self._scaled_loss(out, scale, term_scales)
         for name, value in out.metrics.items():
             metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
+        for name, value in out.metric_counts.items():
+            metric_counts[name] = metric_counts.get(name, 0.0) + float(value)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"step {self.state.step + 1}: loss is {loss.item()}; no checkpoint was written for it. "
@@ -475,6 +517,8 @@ class Trainer(CheckpointingMixin):
         assert self.eval_stream is not None
         self.wrapped.eval()
         total, count = 0.0, 0
+        term_sums: dict[str, float] = {}
+        term_counts: dict[str, int] = {}
         for index in range(len(self.eval_stream)):
             mb = self.eval_stream.micro_batch(index)
             batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
@@ -482,15 +526,31 @@ class Trainer(CheckpointingMixin):
                 out = self.method.compute_loss(self.wrapped, batch)
             total += float(out.loss_sum)
             count += int(out.count)
+            for name, value in out.terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + float(value)
+            for name, n in term_units(self.method, mb).items():
+                term_counts[name] = term_counts.get(name, 0) + n
         self.wrapped.train()
-        total, count = float(self._global_sum_float(total)), self._global_sum(count)
-        return total / max(count, 1)
+        names = sorted(term_counts)
+        totals = self._global_sums_float(
+            [
+                total,
+                float(count),
+                *(term_sums.get(name, 0.0) for name in names),
+                *(term_counts[n] for n in names),
+            ]
+        )
+        loss = totals[0] / max(totals[1], 1)
+        for i in range(len(names)):  # each further term over its own units, as in training
+            loss += totals[2 + i] / max(totals[2 + len(names) + i], 1)
+        return loss
 
-    def _global_sum_float(self, value: float) -> float:
-        if self.accelerator.num_processes == 1:
-            return value
-        tensor = torch.tensor([value], device=self.accelerator.device, dtype=torch.float64)
-        return float(self.accelerator.reduce(tensor, reduction="sum").item())
+    def _global_sums_float(self, values: list[float]) -> list[float]:
+        """`values` summed over processes, in float64, in one reduce."""
+        if self.accelerator.num_processes == 1 or not values:
+            return [float(v) for v in values]
+        tensor = torch.tensor(values, device=self.accelerator.device, dtype=torch.float64)
+        return [float(v) for v in self.accelerator.reduce(tensor, reduction="sum").tolist()]
 
 
 def enable_activation_checkpointing(model: Any) -> None:

@@ -28,6 +28,21 @@ class MetricsLog:
             handle.write(json.dumps(row) + "\n")
 
 
+def step_metric_means(sums: dict[str, float], counts: dict[str, float], units: float) -> dict[str, float]:
+    """A step's metrics from sums over all its micro-batches and processes.
+
+    A metric with a count of its own (`LossOutput.metric_counts`) is divided by that count's sum,
+    and left out where it is 0 (a mean over no rows); every other metric by the step's units.
+    """
+    means = {}
+    for name in sorted(sums):
+        if name not in counts:
+            means[name] = sums[name] / max(units, 1)
+        elif counts[name] > 0:
+            means[name] = sums[name] / counts[name]
+    return means
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():

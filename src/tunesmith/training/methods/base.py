@@ -7,6 +7,15 @@ each micro-batch says how many loss units it holds (`MicroBatch.units`: trained 
 pairs for preference methods, sequences for reward models), `compute_loss` returns the loss
 *summed* over those units, and the loop divides by the step's global unit count before the
 backward. Metrics are returned as sums over the same units and averaged the same way.
+
+Two extensions keep other normalisations exact too. A loss term with a unit of its own (DPO's NLL
+on chosen tokens, under a loss per pair) comes back in `LossOutput.terms`, keyed by that unit;
+the method counts the unit in each micro-batch before the forward (`term_units`, optional), and
+the loop divides the term by the step's global count of it. A metric that is a mean over something
+else than the step's units (KTO's class means over desirable or undesirable rows) comes with its
+own count in `LossOutput.metric_counts`; the loop sums metric and count over the step's
+micro-batches and processes and divides the one by the other. `finish_metrics` (optional) derives
+metrics from those means (a difference of two class means).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ if TYPE_CHECKING:
     from tunesmith.config.schema import RunConfig
     from tunesmith.data.build import BuiltData
     from tunesmith.data.streaming import StreamingRows
+    from tunesmith.training.batching import MicroBatch
 
 
 @dataclass
@@ -30,6 +40,12 @@ class LossOutput:
     """How many units `loss_sum` covers (what evaluation averages over)."""
     metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
     """Sums over the same units, e.g. {"rewards/accuracies": correct pairs}; logged as unit means."""
+    metric_counts: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    """Own denominators of some metrics: a metric named here is logged as its sum over the step's
+    micro-batches and processes divided by this count's sum over the same (omitted where that is 0)."""
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Further loss terms by unit name, each summed over that unit; the loop divides each by the
+    step's global count of the unit, which the method's `term_units` gives before the forward."""
 
 
 @dataclass
@@ -78,3 +94,16 @@ class Method(Protocol):
         ...
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput: ...
+
+
+def term_units(method: Method, mb: MicroBatch) -> dict[str, int]:
+    """How many units of each of its `LossOutput.terms` a micro-batch holds: the method's
+    `term_units(mb)` where it has one (every micro-batch naming the same terms), else none."""
+    count = getattr(method, "term_units", None)
+    return dict(count(mb)) if count is not None else {}
+
+
+def finish_metrics(method: Method, means: dict[str, float]) -> dict[str, float]:
+    """The step's metric means with those the method derives from them (its `finish_metrics`)."""
+    finish = getattr(method, "finish_metrics", None)
+    return finish(means) if finish is not None else means

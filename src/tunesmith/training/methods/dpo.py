@@ -1,6 +1,8 @@
 """Direct preference optimisation: raise the chosen answer's log-ratio to a reference over the rejected's.
 
-Pairs go through one packed forward (see pairs.py); the loss is summed over pairs. The reference
+Pairs go through one packed forward (see pairs.py); the loss is summed over pairs, and the
+optional NLL term on chosen answers (`dpo.rpo_alpha`) over their tokens, each divided by the
+step's count of its unit (see base.py), so accumulation stays exact with it. The reference
 costs no second copy with LoRA (the same base with the adapter switched off); full and freeze
 tuning keep a frozen copy made before training, unless `dpo.precompute_ref` computes the
 reference log-probs of every pair once, before the first update, and carries them with the data.
@@ -15,6 +17,8 @@ import logging
 import torch
 
 from tunesmith.config.schema import LoraAdapter, RunConfig
+from tunesmith.training.batching import MicroBatch
+from tunesmith.training.methods.base import LossOutput
 from tunesmith.training.methods.pairs import (
     REFERENCE_KEY,
     PairLogps,
@@ -23,6 +27,7 @@ from tunesmith.training.methods.pairs import (
     PairStream,
     adapter_disabled,
     autocast_like_loop,
+    chosen_token_count,
     collate_pairs,
     evaluating,
     pair_samples,
@@ -37,6 +42,9 @@ from tunesmith.training.sequence_logps import SequenceScorer
 __all__ = ["DPO", "PairScorer", "PairStream", "collate_pairs", "pair_samples", "pairs_fingerprint"]
 
 log = logging.getLogger(__name__)
+
+CHOSEN_TOKEN = "chosen_token"
+"""The unit of the RPO term (`dpo.rpo_alpha`): a scored token of a chosen answer."""
 
 
 class DPO(PairMethod):
@@ -96,9 +104,27 @@ class DPO(PairMethod):
             label_smoothing=settings.label_smoothing,
             chosen_lengths=logps.chosen_tokens,
             rejected_lengths=logps.rejected_tokens,
-            rpo_alpha=settings.rpo_alpha or 0.0,
-            rpo_tokens_per_pair=float(logps.chosen_tokens.sum()) / max(logps.n, 1),
-        )
+        )  # rpo_alpha's NLL term has a unit of its own, the chosen token: see add_terms
+
+    def term_units(self, mb: MicroBatch) -> dict[str, int]:
+        """With `dpo.rpo_alpha`, the micro-batch's chosen-answer tokens: the NLL term's unit."""
+        assert self.cfg is not None
+        return {CHOSEN_TOKEN: chosen_token_count(mb.tensors)} if self.cfg.dpo.rpo_alpha else {}
+
+    def add_terms(self, out: LossOutput, logps: PairLogps) -> LossOutput:
+        """RPO: rpo_alpha times the chosen answers' NLL, summed over their tokens.
+
+        The loop divides it by the step's chosen tokens on all processes, so the term is TRL's
+        token mean over the chosen answers of the whole step, whatever the accumulation.
+        """
+        assert self.cfg is not None
+        alpha = self.cfg.dpo.rpo_alpha
+        if alpha:
+            nll = -logps.chosen.sum()
+            out.terms[CHOSEN_TOKEN] = alpha * nll
+            out.metrics["nll_loss"] = nll.detach().float()
+            out.metric_counts["nll_loss"] = logps.chosen_tokens.sum().float()
+        return out
 
     def _reference_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference's per-answer log-prob sums: carried with the batch, or a live pass."""

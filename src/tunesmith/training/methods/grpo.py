@@ -40,6 +40,7 @@ from tunesmith.training.batching import MicroBatch, epoch_order
 from tunesmith.training.losses import CausalLMWithLoss, head_logits
 from tunesmith.training.methods.base import BatchSource, LossOutput, PreparedData
 from tunesmith.training.methods.preference_losses import group_advantages, grpo_loss
+from tunesmith.training.methods.reference import follow_batch
 from tunesmith.training.rewards import Reward, load_rewards, required_columns, score
 from tunesmith.training.rollout import Completions, rollout_seed, sample_completions, stop_ids_of
 from tunesmith.training.sequence_logps import sequence_ids
@@ -192,7 +193,7 @@ class CompletionScorer(CausalLMWithLoss):
     @torch.no_grad()
     def reference_logps(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._reference:
-            return self._reference[0](**batch)
+            return follow_batch(self._reference[0], batch)(**batch)
         with _adapter_disabled(self.model):
             return self(**batch)
 

@@ -21,9 +21,11 @@ examples on each process, averaged over processes), as in TRL, so accumulating k
 B is exactly k micro-batches of B with their own z0, not one batch of kB with one z0 (the two agree
 exactly when the estimates do, e.g. at the first step where policy == reference).
 
-Metrics (rewards/chosen, rewards/rejected, rewards/margins, logps/chosen, logps/rejected, kl) are
-class means over the micro-batch's examples on all processes; see `_BatchStats` for how they
-survive the loop's averaging. The policy's KL pass and the reference pass run without dropout.
+Metrics: rewards/chosen, rewards/rejected, logps/chosen and logps/rejected are class means over
+the step's desirable or undesirable examples on all processes, whatever the accumulation (each
+comes with its class count, see `LossOutput.metric_counts`; a class the step lacks is not
+logged); rewards/margins is their difference (`finish_metrics`), as TRL computes it at log time;
+kl is each micro-batch's z0, averaged over the step's examples. The policy's KL pass and the reference pass run without dropout.
 `kto.precompute_ref` is refused: the mismatched pairs change with every epoch's micro-batches.
 """
 
@@ -177,13 +179,6 @@ class KTOScorer(PairScorer):
         with evaluating(self.model):
             return self(**batch)
 
-    def reference_logps(self, **batch: torch.Tensor) -> Scores:
-        if self._reference:  # accelerate's prepare() moved only the policy
-            reference, device = self._reference[0], batch["input_ids"].device
-            if next(reference.parameters()).device != device:
-                reference.to(device)
-        return super().reference_logps(**batch)
-
 
 def split_row(
     batch: dict[str, torch.Tensor], split: int
@@ -258,71 +253,57 @@ class KTO:
         kl_policy = scorer.detached_logps(**mismatched)[0][:n]
         ref_sums = scorer.reference_logps(**inputs)[0]
         ref, kl_ref = ref_sums[:n], ref_sums[n : 2 * n]
-        stats = _batch_stats(policy.detach(), ref, kl_policy - kl_ref, desirable, settings.beta)
+        kl = _kl_estimate(kl_policy - kl_ref)
         losses, _ = kto_loss(
             policy,
             ref,
             desirable,
-            stats.kl,
+            kl,
             beta=settings.beta,
             desirable_weight=settings.desirable_weight,
             undesirable_weight=settings.undesirable_weight,
         )
-        return LossOutput(losses.sum(), torch.tensor(n), stats.metrics())
+        metrics, counts = _class_sums(policy.detach(), ref, desirable, settings.beta)
+        metrics["kl"] = kl * n  # the loop's mean over the step's examples
+        return LossOutput(losses.sum(), torch.tensor(n), metrics, counts)
+
+    def finish_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """rewards/margins: the step's desirable minus its undesirable mean reward, as TRL logs it."""
+        if "rewards/chosen" in means and "rewards/rejected" in means:
+            means = {**means, "rewards/margins": means["rewards/chosen"] - means["rewards/rejected"]}
+        return means
 
 
-class _BatchStats:
-    """A micro-batch's reference point and class means over all processes, reduced in one call.
+def _kl_estimate(kl_logratios: torch.Tensor) -> torch.Tensor:
+    """z0: the mean KL log-ratio of the micro-batch, averaged over processes before the clamp (as TRL)."""
+    total, world = _all_reduce_sum(kl_logratios.detach().float().mean().double().reshape(1))
+    return (total[0] / world).clamp(min=0)
 
-    The loop adds each metric over the step's micro-batches and processes and divides by the step's
-    examples, so each process emits (global class mean) x (global micro-batch size) / processes:
-    the logged value is the exact class mean of a step of one micro-batch, and the micro-batches'
-    class means weighted by their sizes otherwise (TRL logs their plain mean). A micro-batch without
-    an example of a class counts 0 for it.
+
+def _class_sums(
+    policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, beta: float
+) -> tuple[dict[str, torch.Tensor | float], dict[str, torch.Tensor | float]]:
+    """This process's reward and log-prob sums per class, and the class counts they are means over.
+
+    The loop adds both over the step's micro-batches and processes, so each logged value is the
+    step's exact class mean, whatever the accumulation.
     """
-
-    def __init__(self, totals: torch.Tensor, world: int) -> None:
-        kl_sum, n, n_chosen, n_rejected, *sums = totals.tolist()
-        self.kl = torch.as_tensor(kl_sum / world, dtype=totals.dtype, device=totals.device).clamp(min=0)
-        self.share = n / world
-        self.n_chosen, self.n_rejected = n_chosen, n_rejected
-        self.sums = sums  # rewards chosen, rewards rejected, logps chosen, logps rejected
-
-    def metrics(self) -> dict[str, torch.Tensor | float]:
-        reward_c, reward_r, logp_c, logp_r = self.sums
-        mean_c = reward_c / self.n_chosen if self.n_chosen else 0.0
-        mean_r = reward_r / self.n_rejected if self.n_rejected else 0.0
-        return {
-            "rewards/chosen": mean_c * self.share,
-            "rewards/rejected": mean_r * self.share,
-            "rewards/margins": (mean_c - mean_r) * self.share,
-            "logps/chosen": (logp_c / self.n_chosen if self.n_chosen else 0.0) * self.share,
-            "logps/rejected": (logp_r / self.n_rejected if self.n_rejected else 0.0) * self.share,
-            "kl": float(self.kl) * self.share,
-        }
-
-
-def _batch_stats(
-    policy: torch.Tensor, ref: torch.Tensor, kl_logratios: torch.Tensor, desirable: torch.Tensor, beta: float
-) -> _BatchStats:
-    """One all-reduce: the per-process KL means (TRL averages them before clamping) and class sums."""
-    chosen = desirable.to(policy.dtype)
+    chosen = desirable.to(torch.float64)
     rejected = 1 - chosen
-    rewards = beta * (policy - ref)
-    local = torch.stack(
-        [
-            kl_logratios.float().mean(),
-            torch.tensor(float(policy.numel()), device=policy.device),
-            chosen.sum(),
-            rejected.sum(),
-            (rewards * chosen).sum(),
-            (rewards * rejected).sum(),
-            (policy * chosen).sum(),
-            (policy * rejected).sum(),
-        ]
-    ).double()
-    totals, world = _all_reduce_sum(local)
-    return _BatchStats(totals, world)
+    logps, rewards = policy.double(), beta * (policy.double() - ref.double())
+    sums: dict[str, torch.Tensor | float] = {
+        "rewards/chosen": (rewards * chosen).sum(),
+        "rewards/rejected": (rewards * rejected).sum(),
+        "logps/chosen": (logps * chosen).sum(),
+        "logps/rejected": (logps * rejected).sum(),
+    }
+    counts: dict[str, torch.Tensor | float] = {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "logps/chosen": chosen.sum(),
+        "logps/rejected": rejected.sum(),
+    }
+    return sums, counts
 
 
 def check_settings(cfg: RunConfig) -> None:

@@ -25,9 +25,10 @@ from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample
 from tunesmith.models.attention import packed_mask_kind
 from tunesmith.training.batching import MicroBatch, epoch_order
 from tunesmith.training.methods.base import BatchSource, LossOutput, PreparedData
+from tunesmith.training.methods.reference import follow_batch
 from tunesmith.training.precision import resolve_precision
 from tunesmith.training.resume_policy import samples_fingerprint
-from tunesmith.training.sequence_logps import SequenceScorer
+from tunesmith.training.sequence_logps import SequenceScorer, sequence_ids
 
 REFERENCE_KEY = "reference_logps"
 """Batch key of carried reference log-prob sums, (2 * pairs,) in the packed row's answer order."""
@@ -154,6 +155,15 @@ def split_pairs(values: torch.Tensor, n_pairs: int) -> tuple[torch.Tensor, torch
     return values[0 : 2 * n_pairs : 2], values[1 : 2 * n_pairs : 2]
 
 
+def chosen_token_count(tensors: dict[str, torch.Tensor]) -> int:
+    """Scored tokens of the chosen answers of a packed pair row, counted as `SequenceScorer` counts them."""
+    targets = tensors["labels"][:, 1:]
+    owner = sequence_ids(tensors["position_ids"])[:, 1:][targets != IGNORE_INDEX]
+    counts = torch.bincount(owner.reshape(-1))
+    chosen, _ = split_pairs(counts, pair_count(counts))
+    return int(chosen.sum())
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch without what travels with the data for the loss alone (carried reference log-probs)."""
     return {key: value for key, value in batch.items() if key != REFERENCE_KEY}
@@ -193,7 +203,7 @@ class PairScorer(SequenceScorer):
     def reference_logps(self, **batch: torch.Tensor) -> Scores:
         """A frozen copy's scores, or (LoRA) the base's with the adapter off; dropout off in both."""
         if self._reference:
-            return self._reference[0](**batch)
+            return follow_batch(self._reference[0], batch)(**batch)
         with evaluating(self.model), adapter_disabled(self.model):
             return self(**batch)
 
@@ -276,7 +286,11 @@ class PairMethod:
         logps = PairLogps.from_scores(sums, counts)
         losses, metrics = self.pair_losses(logps, model, batch)
         metric_sums = {name: value.detach().float().sum() for name, value in metrics.items()}
-        return LossOutput(losses.sum(), torch.tensor(logps.n), metric_sums)
+        return self.add_terms(LossOutput(losses.sum(), torch.tensor(logps.n), metric_sums), logps)
+
+    def add_terms(self, out: LossOutput, logps: PairLogps) -> LossOutput:
+        """`out` with the loss terms that have units of their own (see base.py); none by default."""
+        return out
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
