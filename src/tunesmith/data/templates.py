@@ -57,6 +57,8 @@ __all__ = [
     "ChatTemplateError",
     "list_templates",
     "resolve_template",
+    "run_template",
+    "training_template",
 ]
 
 # Specs that mean "the tokenizer's own template".
@@ -177,3 +179,37 @@ def resolve_template(tokenizer: Any, spec: str | None) -> str:
     close = difflib.get_close_matches(name, list_templates(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ChatTemplateError(f"data.template: unknown chat template {name!r}{hint}; {_choices()}")
+
+
+def run_template(config: Mapping[str, Any], tokenizer: Any) -> tuple[str | None, list[str]]:
+    """The chat template a run trained with, from its config as a mapping (``config.yaml``'s content).
+
+    The first training source's ``template`` (else ``data.template``), resolved against
+    ``tokenizer``; the tokenizer's own when the run names none; None for ``pretrain`` (no template
+    is used) or when neither exists. The notes say when the sources disagree, since only one
+    template can travel with the run.
+    """
+    own = _tokenizer_template(tokenizer)
+    if config.get("method") == "pretrain":
+        return own, []
+    section = config.get("data") or {}
+    specs = [source.get("template") or section.get("template") for source in section.get("train") or [{}]]
+    notes = []
+    if len(set(specs)) > 1:
+        notes.append(
+            f"the training sources used different chat templates ({sorted(map(str, set(specs)))}); "
+            "the run carries the first source's"
+        )
+    if specs[0] is None and own is None:
+        return None, notes
+    return resolve_template(tokenizer, specs[0]), notes
+
+
+def training_template(run_dir: Path, tokenizer: Any) -> tuple[str | None, list[str]]:
+    """`run_template` read from ``run_dir/config.yaml``; the tokenizer's own without that file."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return _tokenizer_template(tokenizer), []
+    return run_template(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, tokenizer)

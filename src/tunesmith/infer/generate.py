@@ -1,4 +1,4 @@
-"""Generation with the model's own chat template, stopping at its end-of-turn token.
+"""Generation with the model's own chat template, stopping at eos and at its end-of-turn token.
 
 `generate_batch` samples many prompts at once (left-padded, with the KV cache), reproducibly:
 the global RNG is seeded for the call and restored after it, so a caller's own random streams
@@ -26,6 +26,20 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def reply_stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """`stop_token_ids` plus the chat template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`): where a chat model's eos is another token, stopping on eos alone runs on into
+    a made-up next turn. The end-of-turn token is the one the export carries and checks."""
+    from tunesmith.export.verify import end_of_turn_id
+
+    ids = set(stop_token_ids(model, tokenizer))
+    if getattr(tokenizer, "chat_template", None):
+        eot = end_of_turn_id(tokenizer, None)
+        if eot is not None:
+            ids.add(int(eot))
+    return sorted(ids)
+
+
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> torch.Tensor:
     encoded = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -36,7 +50,7 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> torch.Tensor:
 def generation_kwargs(model: Any, tokenizer: Any, max_new_tokens: int, temperature: float) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
-        "eos_token_id": stop_token_ids(model, tokenizer),
+        "eos_token_id": reply_stop_ids(model, tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "do_sample": temperature > 0,
     }

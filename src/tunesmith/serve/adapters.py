@@ -9,6 +9,7 @@ put in served names) and must have been trained on that base.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.infer.loading import enclosing_run, recorded_trust, with_run_template
 from tunesmith.models.default_model import DEFAULT_MODEL_NAME
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_dir
 from tunesmith.serve.stops import reply_stop_ids
@@ -76,8 +78,11 @@ def load_model_set(
     for adapter in wanted:
         _check_same_base(adapter, base_dir)
 
-    model = load_model(base_dir, dtype).eval()
-    base_tokenizer = load_tokenizer(base_dir)
+    runs = {a.directory: enclosing_run(a.directory) for a in wanted}
+    base_run = enclosing_run(base_dir)
+    trust = any(recorded_trust(run) for run in [base_run, *runs.values()])
+    model = load_model(base_dir, dtype, trust).eval()
+    base_tokenizer = _run_tokenizer(base_dir, base_run, trust)
     now = int(time.time())
     served = {
         name: ServedModel(
@@ -87,8 +92,7 @@ def load_model_set(
     if wanted:
         model = _load_adapters(model, wanted)
     for index, adapter in enumerate(wanted):
-        has_tokenizer = (adapter.directory / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(adapter.directory) if has_tokenizer else base_tokenizer
+        tokenizer = _run_tokenizer(adapter.directory, runs[adapter.directory], trust, base_tokenizer)
         served[adapter.name] = ServedModel(
             adapter.name,
             f"a{index}",
@@ -101,6 +105,17 @@ def load_model_set(
     if max_context is not None:
         context = min(context, max_context)
     return ModelSet(model=model, served=served, base_name=name, context_length=context)
+
+
+def _run_tokenizer(
+    directory: Path, run: tuple[Path, dict[str, Any]] | None, trust: bool, fallback: Any = None
+) -> Any:
+    """The directory's own tokenizer (else a copy of `fallback`) with the template its run trained with."""
+    if fallback is None or (directory / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(directory, trust)
+    else:
+        tokenizer = copy.deepcopy(fallback)  # the run's template must not change the base's tokenizer
+    return with_run_template(tokenizer, *run) if run else tokenizer
 
 
 def _base_of(spec: str) -> tuple[Path, _Adapter | None]:

@@ -8,11 +8,13 @@ half-replaced model that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from tunesmith.training.errors import RunDirError
 
 RUN_INFO = "run.json"
 LOCK_FILE = ".tunesmith.lock"
+TEMPLATE_SAVED = "tokenizer_has_training_template"
+"""run.json key: the saved tokenizer carries the chat template training used."""
 _RUN_FILES = ("checkpoints", "adapter", "model", "metrics.jsonl", "curves.png", RUN_INFO)
 
 
@@ -184,12 +188,16 @@ def save_final(
         marker.unlink()
         fsync_dir(run_dir)
     is_lora = isinstance(cfg.adapter, LoraAdapter)
-    out = save_model_dir(model, tokenizer, run_dir / ("adapter" if is_lora else "model"))
+    with training_template_on(tokenizer, cfg):
+        out = save_model_dir(model, tokenizer, run_dir / ("adapter" if is_lora else "model"))
     info = {
         "base_model": str(base_model_dir),
         "model_spec": cfg.model,
         "kind": out.name,
         "method": cfg.method,
+        "trust_remote_code": cfg.trust_remote_code,
+        # readers of older runs (without this key) take the template from config.yaml instead
+        TEMPLATE_SAVED: True,
     }
     if head:
         info["head"] = _save_head(out, head)
@@ -198,6 +206,25 @@ def save_final(
 
 
 HEAD_FILE = "head.safetensors"
+
+
+@contextlib.contextmanager
+def training_template_on(tokenizer: Any, cfg: RunConfig) -> Iterator[None]:
+    """The tokenizer with the run's training template as its `chat_template`, restored afterwards.
+
+    A base model without a template trains with `data.template: NAME`, but its tokenizer never had
+    that template: saved as it is, the run could not be chatted with or served.
+    """
+    from tunesmith.data.templates import run_template
+
+    template, _ = run_template(cfg.model_dump(mode="json"), tokenizer)
+    before = getattr(tokenizer, "chat_template", None)
+    if template is not None:
+        tokenizer.chat_template = template
+    try:
+        yield
+    finally:
+        tokenizer.chat_template = before
 
 
 def _save_head(out: Path, head: dict[str, Any]) -> str:
