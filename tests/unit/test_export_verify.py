@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from test_gguf_export import load, sentencepiece_style_tokenizer, tiny_model_dir, tiny_tokenizer
 
 from conftest import base_config, write_chat_jsonl
@@ -70,7 +72,7 @@ def test_a_gguf_export_of_a_trained_run_passes_and_writes_its_report(type_name, 
     out = tmp_path / f"model-{type_name}.gguf"
     result = export(run, out, gguf_type=type_name)
     assert result.check is not None and result.check.passed, result.check.summary()
-    assert [c.name for c in result.check.checks] == [
+    assert [c.name for c in result.check.checks][:5] == [  # then llama.cpp's, where installed
         "file matches its weights",
         "next-token logits vs the trained model",
         "chat template",
@@ -140,8 +142,10 @@ def _check(tiny: Any, out: Path, type_name: str = "f16", **overrides: Any) -> ve
     return verify.verify_gguf(ref, out, type_name, tokenizer, verify.logits_for(rounded, ref.renders))
 
 
-def _failed(result: verify.VerifyResult) -> set[str]:
-    return {check.name for check in result.checks if not check.passed}
+def _failed(result: verify.VerifyResult, llama_cpp: bool = False) -> set[str]:
+    """The failed checks; without `llama_cpp`, those of transformers' reading only."""
+    failed = {check.name for check in result.checks if not check.passed}
+    return failed if llama_cpp else {name for name in failed if not name.startswith("llama.cpp")}
 
 
 def test_a_correct_file_passes(tiny, tmp_path):
@@ -158,6 +162,45 @@ def test_a_sentencepiece_vocabulary_passes_despite_the_readers_missing_spaces(tm
     assert result.passed, result.summary()
     template = next(c for c in result.checks if c.name == "chat template")
     assert "apart from the standalone" in template.detail
+
+
+def test_without_llama_cpp_the_check_says_so_and_still_passes(tiny, tmp_path):
+    from tunesmith.export import verify_llama_cpp
+
+    if verify_llama_cpp.available():
+        pytest.skip("llama-cpp-python is installed: its reading is tested below")
+    result = _check(tiny, tmp_path / "m.gguf", "q8_0")
+    assert result.passed, result.summary()
+    assert verify_llama_cpp.NOT_INSTALLED in result.notes and "not installed" in result.summary()
+    assert not any(check.name.startswith("llama.cpp") for check in result.checks)
+
+
+@pytest.mark.parametrize("type_name", ["f16", "q8_0", "q4_0"])
+def test_llama_cpp_reads_the_file_like_the_trained_model(type_name, tiny, tmp_path):
+    """llama.cpp's own tokenizer, end-of-turn id and logits, against the trained tokenizer and model."""
+    pytest.importorskip("llama_cpp")
+    from tunesmith.export import verify_llama_cpp
+
+    result = _check(tiny, tmp_path / "m.gguf", type_name)
+    assert result.passed, result.summary()
+    names = {check.name for check in result.checks}
+    assert {
+        "llama.cpp: file matches its weights",
+        "llama.cpp: next-token logits vs the trained model",
+        "llama.cpp: chat template",
+        "llama.cpp: end-of-turn token",
+    } <= names
+    assert result.metrics["llama_cpp_file_mean_kl"] <= verify_llama_cpp.LLAMA_CPP_FIDELITY_KL
+    criteria = verify.CRITERIA[type_name]
+    if criteria.max_kl is not None:
+        assert result.metrics["llama_cpp_mean_kl"] <= criteria.max_kl
+    assert verify_llama_cpp.NOT_INSTALLED not in result.notes
+
+
+def test_llama_cpp_sees_a_wrong_end_of_turn_id_too(tiny, tmp_path):
+    pytest.importorskip("llama_cpp")
+    result = _check(tiny, tmp_path / "eot.gguf", eot_id=0)
+    assert _failed(result, llama_cpp=True) == {"end-of-turn token", "llama.cpp: end-of-turn token"}
 
 
 def test_a_corrupted_tensor_fails_the_logit_checks(tiny, tmp_path):
@@ -199,7 +242,7 @@ def test_a_merged_directory_without_the_end_of_turn_stop_fails(run, tmp_path, mo
 
     monkeypatch.setattr(merge, "prepare_model_dir", lambda model, tokenizer, template, eot: None)
     result = export(run, tmp_path / "merged", merge=True)
-    assert "chat template" in _failed(result.check)  # the tokenizer's own template, not the trained one
+    # the run's own tokenizer carries the training template, so only the stop tokens go missing
     assert "end-of-turn token (generation_config eos_token_id)" in _failed(result.check)
     with pytest.raises(ExportMismatch, match="failed the behaviour check: .*end-of-turn"):
         export_run(run, tmp_path / "merged2", merge=True)
@@ -240,8 +283,10 @@ def test_cli_no_verify_skips_the_check(run, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--gguf", "q5_k_m", "--out", "m.gguf"], "llama-quantize"),
+        (["--gguf", "q3_k_m", "--out", "m.gguf"], "llama-quantize"),
         (["--gguf", "q8_0", "--out", "model"], "name it FILE.gguf"),
+        (["--adapter-only", "--gguf", "q4_0", "--out", "a.gguf"], "f32, f16, bf16, q8_0"),
+        (["--adapter-only", "--out", "adapter"], "name it FILE.gguf"),
     ],
 )
 def test_cli_refusals_are_one_error_line(args, message, run, tmp_path, capsys, monkeypatch):
@@ -249,6 +294,93 @@ def test_cli_refusals_are_one_error_line(args, message, run, tmp_path, capsys, m
     assert _cli(str(run), *args) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: ") and message in error[0]
+
+
+# --- a LoRA adapter on its own ---------------------------------------------------------------------------
+
+
+def _tensors(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader, dequantize
+
+    reader = GGUFReader(path)
+    return {
+        t.name: dequantize(t.data, t.tensor_type).reshape(tuple(int(n) for n in reversed(t.shape)))
+        for t in reader.tensors
+    }
+
+
+@pytest.fixture(scope="module")
+def full_files(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """f32 GGUF files of the run's base and of its merged model, written by the full-model path (the one
+    transformers' reader checks): what an adapter must turn the one into the other."""
+    folder = tmp_path_factory.mktemp("full")
+    base_model, tokenizer = load(Path(json.loads((run / "run.json").read_text())["base_model"]))
+    files = {"base": folder / "base.gguf", "merged": folder / "merged.gguf"}
+    write_gguf(base_model, tokenizer, files["base"], "f32", chat_template=None, eot_id=None)
+    merged = load_trained(run)[0].merge_and_unload()
+    write_gguf(merged, tokenizer, files["merged"], "f32", chat_template=None, eot_id=None)
+    return files
+
+
+@pytest.mark.parametrize(("type_name", "bound"), [("f32", 1e-5), ("f16", 2e-3), ("q8_0", 2e-2)])
+def test_an_adapter_only_export_turns_the_base_file_into_the_merged_one(
+    type_name, bound, run, full_files, tmp_path
+):
+    """Every weight that training changed is in the adapter, and base + (alpha / rank) * lora_b @ lora_a
+    rebuilds it (llama/mistral's q/k row permutation included) within what storing A and B costs."""
+    from gguf import GGUFReader
+
+    out = tmp_path / "adapter.gguf"
+    result = export(run, out, adapter_only=True, gguf_type=type_name)
+    assert result.check is not None and result.check.passed, result.check.summary()
+    assert json.loads((tmp_path / "adapter.verify.json").read_text())["passed"] is True
+    reader = GGUFReader(out)
+    assert reader.get_field("general.type").contents() == "adapter"
+    assert reader.get_field("adapter.type").contents() == "lora"
+    assert reader.get_field("general.architecture").contents() == "llama"
+    alpha = reader.get_field("adapter.lora.alpha").contents()
+    assert alpha == 16.0  # the adapter config default, at r 8: scale 2
+    del reader
+    lora, base, merged = _tensors(out), _tensors(full_files["base"]), _tensors(full_files["merged"])
+    targets = {name.removesuffix(".lora_a") for name in lora if name.endswith(".lora_a")}
+    assert set(lora) == {t + suffix for t in targets for suffix in (".lora_a", ".lora_b")}
+    changed = {name for name in merged if not np.array_equal(merged[name], base[name])}
+    assert targets == changed and len(targets) == 14  # q, k, v, o, gate, up, down in 2 layers
+    for name in sorted(targets):
+        a, b = lora[name + ".lora_a"].astype(np.float64), lora[name + ".lora_b"].astype(np.float64)
+        assert a.shape == (8, base[name].shape[1]) and b.shape == (base[name].shape[0], 8)
+        rebuilt = base[name] + alpha / a.shape[0] * (b @ a)
+        change = np.abs(merged[name] - base[name]).max()
+        assert np.abs(rebuilt - merged[name]).max() <= bound * change, name
+
+
+def test_llama_cpp_applies_the_adapter_like_the_merged_model(run, full_files, tmp_path):
+    """llama.cpp's own LoRA loading: base file + adapter gives the merged file's next-token logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "adapter.gguf"
+    export(run, out, adapter_only=True, gguf_type="f32", verify=False)
+    ids = [1, 5, 40, 77, 120, 2, 9, 33, 64, 200, 150, 7]
+
+    def scores(**kwargs: Any) -> torch.Tensor:
+        llm = llama_cpp.Llama(n_ctx=64, logits_all=True, verbose=False, **kwargs)
+        try:
+            llm.eval(ids)
+            return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        finally:
+            llm.close()
+
+    merged = scores(model_path=str(full_files["merged"]))
+    adapted = scores(model_path=str(full_files["base"]), lora_path=str(out))
+    base = scores(model_path=str(full_files["base"]))
+    assert verify.logit_metrics([merged], [adapted])["max_rel_diff"] <= 1e-4
+    assert verify.logit_metrics([merged], [base])["max_rel_diff"] > 1e-2  # the adapter matters
+
+
+def test_cli_writes_an_adapter_and_checks_it(run, tmp_path, capsys):
+    out = tmp_path / "adapter.gguf"
+    assert _cli(str(run), "--adapter-only", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "behaviour check (lora-f32): passed" in printed and "--lora adapter.gguf" in printed
 
 
 # --- the default model ---------------------------------------------------------------------------------

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from tunesmith.export.gguf_kquants import quantize_q4_k, quantize_q6_k
+from tunesmith.export.gguf_kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 from tunesmith.export.gguf_writer import TYPES, UnsupportedGGUFType, check_type, write_gguf
 from tunesmith.export.verify import CRITERIA, logit_metrics
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma3_text")
 BLOCK_TYPES = tuple(t for t in TYPES if "_k" not in t)
-K_MIXES = ("q4_k_m", "q6_k")
+K_MIXES = ("q4_k_m", "q5_k_m", "q6_k")
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -330,7 +330,7 @@ def test_the_smollm2_tokenizer_round_trips(tokenizer_dir, tmp_path):
 # --- refusals -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["q4_k_s", "Q5_K_M", "q3_k_m", "iq4_xs"])
+@pytest.mark.parametrize("name", ["q4_k_s", "Q5_K_S", "q3_k_m", "iq4_xs"])
 def test_other_k_quants_are_refused_with_the_supported_types_and_llama_quantize(name):
     with pytest.raises(UnsupportedGGUFType) as caught:
         check_type(name)
@@ -355,10 +355,11 @@ def test_an_unsupported_architecture_is_refused(tmp_path, tokenizer_dir):
 
 
 @pytest.mark.parametrize(
-    ("name", "encoder", "bound"), [("Q6_K", quantize_q6_k, 0.05), ("Q4_K", quantize_q4_k, 0.15)]
+    ("name", "encoder", "bound"),
+    [("Q6_K", quantize_q6_k, 0.05), ("Q5_K", quantize_q5_k, 0.08), ("Q4_K", quantize_q4_k, 0.15)],
 )
 def test_k_quant_encoders_round_trip_through_gguf_dequantize(name, encoder, bound):
-    """Every 256-value super-block comes back with the error 6 / 4 bits give (a byte in the wrong
+    """Every 256-value super-block comes back with the error 6 / 5 / 4 bits give (a byte in the wrong
     place would put values in other positions: errors of the order of the values), zeros stay zero."""
     from gguf import GGMLQuantizationType, dequantize
 
@@ -367,7 +368,10 @@ def test_k_quant_encoders_round_trip_through_gguf_dequantize(name, encoder, boun
     weights[3, 7], weights[5] = 9.0, 0.0
     weights[7] += 1.0  # an offset: Q4_K's min matters
     encoded = encoder(weights)
-    assert encoded.dtype == np.uint8 and encoded.shape == (16, 2 * (210 if name == "Q6_K" else 144))
+    assert encoded.dtype == np.uint8 and encoded.shape == (
+        16,
+        2 * {"Q6_K": 210, "Q5_K": 176, "Q4_K": 144}[name],
+    )
     back = dequantize(encoded, GGMLQuantizationType[name]).reshape(weights.shape)
     assert (back[5] == 0).all()
     blocks, got = weights.reshape(-1, 256), back.reshape(-1, 256)

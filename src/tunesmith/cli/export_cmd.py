@@ -1,4 +1,5 @@
-"""`tunesmith export RUN_DIR (--merge --out DIR | --gguf TYPE --out FILE.gguf) [--no-verify]`."""
+"""`tunesmith export RUN_DIR (--merge --out DIR | --gguf TYPE --out FILE.gguf | --adapter-only
+[--gguf f32|f16|bf16|q8_0] --out FILE.gguf) [--no-verify]`."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="TYPE",
         help=f"write one GGUF file of this type ({', '.join(TYPES)}); LoRA adapters are merged first",
     )
+    export.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="write the LoRA alone as a GGUF LoRA adapter (llama.cpp --lora); --gguf f32 (default), f16, bf16 or q8_0",
+    )
     export.add_argument("--out", required=True, help="output directory (--merge) or .gguf file (--gguf)")
     export.add_argument(
         "--no-verify",
@@ -41,6 +47,7 @@ def _say(line: str) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from tunesmith.export.gguf_arch import UnsupportedModel
+    from tunesmith.export.gguf_lora import UnsupportedAdapter, check_adapter_type
     from tunesmith.export.gguf_tokenizer import UnsupportedTokenizer
     from tunesmith.export.gguf_writer import UnsupportedGGUFType, check_type
     from tunesmith.export.merge import NeedsMerge, export
@@ -48,8 +55,13 @@ def run_export(args: argparse.Namespace) -> int:
 
     run_dir, out = Path(args.run_dir), Path(args.out)
     try:
-        if args.gguf is not None:
+        if args.adapter_only and args.merge:
+            raise UnsupportedAdapter("--adapter-only writes the adapter alone; it does not go with --merge")
+        if args.adapter_only:
+            check_adapter_type(args.gguf or "f32")
+        elif args.gguf is not None:
             check_type(args.gguf)
+        if args.gguf is not None or args.adapter_only:
             if out.suffix != ".gguf":
                 raise UnsupportedGGUFType(f"--out {out}: a GGUF export is one file; name it FILE.gguf")
             if out.is_dir():
@@ -59,9 +71,21 @@ def run_export(args: argparse.Namespace) -> int:
                 run_dir
             )  # says the run does not exist (or is not a run) instead of looking for a model
         result = export(
-            run_dir, out, merge=args.merge, gguf_type=args.gguf, verify=not args.no_verify, say=_say
+            run_dir,
+            out,
+            merge=args.merge,
+            gguf_type=args.gguf,
+            verify=not args.no_verify,
+            adapter_only=args.adapter_only,
+            say=_say,
         )
-    except (UnsupportedGGUFType, UnsupportedModel, UnsupportedTokenizer, NeedsMerge) as exc:
+    except (
+        UnsupportedGGUFType,
+        UnsupportedModel,
+        UnsupportedTokenizer,
+        NeedsMerge,
+        UnsupportedAdapter,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR
     print(f"exported to {result.path}")

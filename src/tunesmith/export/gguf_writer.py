@@ -1,17 +1,17 @@
 """Write a (merged) transformers model as one GGUF file, through the `gguf` package.
 
 Types: f32, f16, bf16, q8_0 and the 4/5-bit block types q4_0, q4_1, q5_0, q5_1 (quantized by
-`gguf.quants`), and the K-quant mixes q4_k_m and q6_k (encoded by `gguf_kquants`). Which tensor gets
+`gguf.quants`), and the K-quant mixes q4_k_m, q5_k_m and q6_k (encoded by `gguf_kquants`). Which tensor gets
 which type follows llama.cpp:
 
 - 1-D tensors, norms and biases stay f32 under every type (llama.cpp's kernels expect them so);
 - under the 4/5-bit types the output projection (or, with tied embeddings, the token embedding that
   doubles as it) is q8_0: llama-quantize gives that tensor a wider type (q6_k) because the logits are
   the most sensitive to it, and q8_0 is the widest of these block types;
-- q4_k_m is llama-quantize's mix: q6_k for the output and for attn_v / ffn_down in the layers its
-  `use_more_bits` rule picks, q4_k elsewhere; q6_k is q6_k throughout;
+- q4_k_m and q5_k_m are llama-quantize's mixes: q6_k for the output and for attn_v / ffn_down in the
+  layers its `use_more_bits` rule picks, q4_k / q5_k elsewhere; q6_k is q6_k throughout;
 - a weight whose rows do not divide into the type's blocks falls back as llama-quantize does
-  (q4_k -> q5_0, q6_k -> q8_0), and to f16 when even 32-value blocks do not fit.
+  (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0), and to f16 when even 32-value blocks do not fit.
 
 Other K-quants and i-quants are refused with a pointer to llama.cpp's `llama-quantize`, which
 requantizes an f16/bf16 export.
@@ -31,9 +31,9 @@ from tunesmith.export.gguf_arch import arch_for, extra_tensors, transform_tensor
 from tunesmith.export.gguf_kquants import ENCODERS, FALLBACK, k_type
 from tunesmith.export.gguf_tokenizer import write_tokenizer
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q6_k")
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
 _NARROW = ("q4_0", "q4_1", "q5_0", "q5_1")
-_K_MIXES = ("q4_k_m", "q6_k")
+_K_MIXES = ("q4_k_m", "q5_k_m", "q6_k")
 _FILE_TYPES = {
     "f32": "ALL_F32",
     "f16": "MOSTLY_F16",
@@ -44,6 +44,7 @@ _FILE_TYPES = {
     "q5_0": "MOSTLY_Q5_0",
     "q5_1": "MOSTLY_Q5_1",
     "q4_k_m": "MOSTLY_Q4_K_M",
+    "q5_k_m": "MOSTLY_Q5_K_M",
     "q6_k": "MOSTLY_Q6_K",
 }
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.templates import training_template
 from tunesmith.export.verify import Reference, VerifyResult, reference, report_path
 from tunesmith.infer.loading import load_for_inference
 from tunesmith.models.save import save_model_dir
@@ -41,34 +42,6 @@ class ExportResult:
     check: VerifyResult | None = None
     report: Path | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def training_template(run_dir: Path, tokenizer: Any) -> tuple[str | None, list[str]]:
-    """The chat template the run trained with (its config.yaml's data.template or the sources' one),
-    else the tokenizer's own; with a note when the sources disagree."""
-    import yaml
-
-    from tunesmith.data.templates import resolve_template
-
-    own = getattr(tokenizer, "chat_template", None)
-    own = own if isinstance(own, str) and own.strip() else None
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return own, []
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if data.get("method") == "pretrain":
-        return own, []
-    section = data.get("data") or {}
-    specs = [source.get("template") or section.get("template") for source in section.get("train") or [{}]]
-    notes = []
-    if len(set(specs)) > 1:
-        notes.append(
-            f"the training sources used different chat templates ({sorted(map(str, set(specs)))}); "
-            "the export carries the first source's"
-        )
-    if specs[0] is None and own is None:
-        return None, notes
-    return resolve_template(tokenizer, specs[0]), notes
 
 
 def prepare_model_dir(model: Any, tokenizer: Any, template: str | None, eot_id: int | None) -> None:
@@ -99,15 +72,19 @@ def export(
     gguf_type: str | None = None,
     verify: bool = True,
     tolerance: float = 1e-3,
+    adapter_only: bool = False,
     say: Callable[[str], None] = log.info,
 ) -> ExportResult:
-    """Export a finished run (or a model directory) as a merged directory or, with `gguf_type`, a GGUF file.
+    """Export a finished run (or a model directory) as a merged directory or, with `gguf_type`, a GGUF file;
+    with `adapter_only`, the run's LoRA alone as a GGUF LoRA adapter (`gguf_type` f32 by default).
 
     `say` receives one line per step (the CLI prints them)."""
     from tunesmith.export.gguf_writer import check_type, round_like_export, write_gguf
     from tunesmith.export.verify import logits_for
 
     run_dir, out = Path(run_dir), Path(out)
+    if adapter_only:
+        return export_adapter(run_dir, out, gguf_type or "f32", verify=verify, say=say)
     if gguf_type is not None:
         gguf_type = check_type(gguf_type)
     say(f"loading {run_dir}")
@@ -155,6 +132,49 @@ def export(
     return result
 
 
+ADAPTER_NOTE = (
+    "a LoRA adapter holds no vocabulary or template: apply it over a GGUF of the base model it was "
+    "trained on (llama-cli -m base.gguf --lora {name})"
+)
+
+
+def export_adapter(
+    run_dir: Path, out: Path, type_name: str, *, verify: bool = True, say: Callable[[str], None] = log.info
+) -> ExportResult:
+    """Write the run's LoRA as a GGUF LoRA adapter; the check rebuilds every adapted weight from the
+    file (base + alpha / rank * B @ A) and compares it with the merged model's."""
+    from tunesmith.export.gguf_lora import (
+        UnsupportedAdapter,
+        base_weights,
+        check_adapter_type,
+        write_lora_gguf,
+    )
+    from tunesmith.export.verify import verify_lora_gguf
+
+    type_name = check_adapter_type(type_name)
+    say(f"loading {run_dir}")
+    model, _ = load_for_inference(str(run_dir))
+    if not hasattr(model, "merge_and_unload"):
+        raise UnsupportedAdapter(
+            "--adapter-only: this run holds no LoRA adapter (a full fine-tune); export it with --gguf TYPE"
+        )
+    say(f"writing {out} (LoRA adapter, {type_name})")
+    written = write_lora_gguf(model, out, type_name, name=Path(run_dir).resolve().name)
+    result = ExportResult(
+        out, f"lora-{type_name}", notes=[*written.notes, ADAPTER_NOTE.format(name=out.name)]
+    )
+    if verify:
+        say("checking the adapter: rebuilding the trained weights from it")
+        base = base_weights(model, written.targets)
+        merged = base_weights(model.merge_and_unload(), written.targets)
+        result.check = verify_lora_gguf(out, written, base, merged)
+        result.check.notes = list(result.notes)
+        result.report = result.check.write(report_path(out))
+    del model
+    gc.collect()
+    return result
+
+
 def check_export(ref: Reference, result: ExportResult, tokenizer: Any, rounded: Any = None) -> VerifyResult:
     from tunesmith.export.verify import verify_gguf, verify_model_dir
 
@@ -162,7 +182,7 @@ def check_export(ref: Reference, result: ExportResult, tokenizer: Any, rounded: 
         check = verify_model_dir(ref, result.path, tokenizer, rounded)
     else:
         check = verify_gguf(ref, result.path, result.kind, tokenizer, rounded)
-    check.notes = list(result.notes)
+    check.notes = list(result.notes) + check.notes
     return check
 
 

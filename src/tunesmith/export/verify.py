@@ -15,7 +15,10 @@ compared with the trained model (base + adapter, unmerged, in memory) on a few c
 - what the type costs: the same logits against the trained model itself. For f32/f16/bf16 (and a
   merged directory) the largest absolute difference relative to the logit scale; for the block
   types the mean KL divergence per token and the top-1 agreement where the trained model is
-  confident. Bounds are in `CRITERIA`, with the measurements they come from.
+  confident. Bounds are in `CRITERIA`, with the measurements they come from;
+- where llama-cpp-python is installed, the same comparisons with llama.cpp reading the file, its own
+  tokenizer tokenizing each conversation rendered with the file's template, and its end-of-turn id
+  (`verify_llama_cpp`); absent, a note says so.
 """
 
 from __future__ import annotations
@@ -71,8 +74,9 @@ CRITERIA: dict[str, Criteria] = {
     # Block types: what the rounding may cost, about 2.5-4x the worst measured on SmolLM2-135M (base and
     # trained), a small model whose weights already come from a Q4_1 file, so 4/5-bit types quantize
     # it a second time: q8_0 KL 1.9e-3-2.4e-3, confident top-1 100%; q5_0/q5_1 KL 0.13-0.28, 91-96%;
-    # q4_1 0.17, 94%; q4_0 0.53-0.62, 83%; q6_k 8.1e-3-1.2e-2, 100%; q4_k_m 0.066-0.082, 98% (on
-    # SmolLM2 both are partly q8_0 / q5_0: rows of 576 values do not fill 256-value super-blocks).
+    # q4_1 0.17, 94%; q4_0 0.53-0.62, 83%; q6_k 8.1e-3-1.2e-2, 100%; q4_k_m 0.066-0.082, 98%; q5_k_m
+    # 0.158, 97% (on SmolLM2 the K-quants are partly q8_0 / q5_0 / q5_1: rows of 576 values do not fill
+    # 256-value super-blocks).
     # Larger models lose far less; a broken file, far more (and fails "file matches its weights").
     "q8_0": Criteria(max_kl=1e-2, min_top1=0.95),
     "q6_k": Criteria(max_kl=3e-2, min_top1=0.95),
@@ -80,6 +84,7 @@ CRITERIA: dict[str, Criteria] = {
     "q5_1": Criteria(max_kl=0.75, min_top1=0.8),
     "q4_0": Criteria(max_kl=1.5, min_top1=0.7),
     "q4_1": Criteria(max_kl=1.5, min_top1=0.7),
+    "q5_k_m": Criteria(max_kl=0.75, min_top1=0.8),
     "q4_k_m": Criteria(max_kl=1.5, min_top1=0.7),
 }
 
@@ -405,7 +410,79 @@ def verify_gguf(
         ]
         got = logits_for(model, ref.renders)
         del model
-    return _judge(path, type_name, got, ref, rounded, checks)
+    result = _judge(path, type_name, got, ref, rounded, checks)
+    _add_llama_cpp_reading(result, ref, path, template, tokenizer, rounded)
+    return result
+
+
+def _add_llama_cpp_reading(
+    result: VerifyResult,
+    ref: Reference,
+    path: Path,
+    template: str | None,
+    tokenizer: Any,
+    rounded: list[torch.Tensor] | None,
+) -> None:
+    """The same comparisons with llama.cpp reading the file, when llama-cpp-python is installed."""
+    from tunesmith.export import verify_llama_cpp
+
+    if not verify_llama_cpp.available():
+        result.notes.append(verify_llama_cpp.NOT_INSTALLED)
+        return
+    texts = (
+        verify_llama_cpp.render_texts(tokenizer, template, CONVERSATIONS, ref.renders)
+        if template is not None
+        else [None] * len(ref.renders)
+    )
+    read = verify_llama_cpp.read(path, texts, [render.ids for render in ref.renders])
+    metrics = logit_metrics(ref.logits, read["logits"])
+    logit_check = _logit_check(metrics, verify_llama_cpp.criteria_for(CRITERIA[result.type]))
+    checks = [Check(f"llama.cpp: {logit_check.name}", logit_check.passed, logit_check.detail)]
+    if rounded is not None:
+        fidelity = logit_metrics(rounded, read["logits"])
+        metrics.update({f"file_{key}": fidelity[key] for key in ("mean_kl", "max_rel_diff")})
+        bound = verify_llama_cpp.LLAMA_CPP_FIDELITY_KL
+        ok = fidelity["mean_kl"] <= bound
+        checks.insert(
+            0,
+            Check(
+                "llama.cpp: file matches its weights",
+                ok,
+                f"mean KL {fidelity['mean_kl']:.3g} (bound {bound:g}) against the trained weights rounded "
+                "as the file stores them" + ("" if ok else ": llama.cpp computes something else"),
+            ),
+        )
+    mismatch = next(
+        (
+            (render, tokens)
+            for render, tokens in zip(ref.renders, read["tokens"], strict=True)
+            if tokens is not None and tokens != render.ids
+        ),
+        None,
+    )
+    rendered = sum(tokens is not None for tokens in read["tokens"])
+    if mismatch is None:
+        checks.append(
+            Check(
+                "llama.cpp: chat template",
+                True,
+                f"{rendered} renderings with the file's template give identical token ids in llama.cpp",
+            )
+        )
+    else:
+        render, tokens = mismatch
+        checks.append(
+            Check(
+                "llama.cpp: chat template",
+                False,
+                f"conversation {render.conversation + 1} tokenizes to other ids in llama.cpp "
+                f"({_first_difference(render.ids, tokens)})",
+            )
+        )
+    checks.append(_token_check("llama.cpp: end-of-turn token", ref.eot_id, read["eot"], tokenizer))
+    result.checks += checks
+    result.metrics.update({f"llama_cpp_{key}": value for key, value in metrics.items()})
+    result.passed = all(check.passed for check in result.checks)
 
 
 def _read_gguf(path: Path) -> tuple[Any, Any]:
@@ -440,6 +517,85 @@ def verify_model_dir(
     got = logits_for(model, ref.renders)
     del model
     return _judge(out, "merged", got, ref, rounded, checks)
+
+
+LORA_BOUNDS = {"f32": 1e-3, "f16": 5e-3, "bf16": 4e-2, "q8_0": 4e-2}
+"""GGUF LoRA adapters: max |base + (alpha / rank) * B @ A - merged| relative to the largest change the
+LoRA makes to that weight (max |merged - base|). Measured on a tiny llama's trained rank-8 LoRA: f32
+1.4e-7, f16 4.1e-4, bf16 3.0e-3, q8_0 4.3e-3 (the rounding of A and B); f32 1.7e-4 on SmolLM2-135M,
+where the merged float32 weights round away part of a change much smaller than the weights."""
+
+
+def verify_lora_gguf(path: Path, written: Any, base: dict[str, Any], merged: dict[str, Any]) -> VerifyResult:
+    """Read a GGUF LoRA adapter back with gguf's reader and rebuild every adapted weight the way
+    llama.cpp applies it (base + alpha / rank * lora_b @ lora_a), against the merged model's weights.
+
+    `written` is the `gguf_lora.LoraExport`; `base` and `merged` hold the adapted weights in GGUF layout
+    by GGUF name (`gguf_lora.base_weights` before and after merging)."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+
+    reader = GGUFReader(path)
+    meta = {
+        key: _gguf_field(reader, key)
+        for key in ("general.type", "adapter.type", "general.architecture", "adapter.lora.alpha")
+    }
+    tensors = {
+        t.name: dequantize(t.data, t.tensor_type).reshape(tuple(int(n) for n in reversed(t.shape)))
+        for t in reader.tensors
+    }
+    del reader
+    expected = {"general.type": "adapter", "adapter.type": "lora", "general.architecture": written.arch}
+    wrong = [
+        f"{key} is {meta[key]!r}, not {value!r}" for key, value in expected.items() if meta[key] != value
+    ]
+    alpha = meta["adapter.lora.alpha"]
+    checks = [
+        Check(
+            "adapter metadata",
+            not wrong and alpha is not None,
+            "; ".join(wrong) or f"a LoRA adapter for {written.arch}, alpha {alpha:g}",
+        )
+    ]
+    wanted = {t.gguf_name + suffix for t in written.targets for suffix in (".lora_a", ".lora_b")}
+    missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+    checks.append(
+        Check(
+            "adapter tensors",
+            not missing and not extra,
+            f"{len(written.targets)} adapted weights, each with .lora_a and .lora_b"
+            + (f"; missing {missing[:4]}" if missing else "")
+            + (f"; unexpected {extra[:4]}" if extra else ""),
+        )
+    )
+    worst, worst_name = 0.0, ""
+    for target in written.targets:
+        a, b = tensors.get(target.gguf_name + ".lora_a"), tensors.get(target.gguf_name + ".lora_b")
+        if a is None or b is None or alpha is None:
+            continue
+        delta = np.float64(alpha) / a.shape[0] * (b.astype(np.float64) @ a.astype(np.float64))
+        change = np.abs(merged[target.gguf_name].astype(np.float64) - base[target.gguf_name]).max()
+        error = np.abs(base[target.gguf_name] + delta - merged[target.gguf_name]).max() / max(change, 1e-12)
+        if error > worst:
+            worst, worst_name = float(error), target.gguf_name
+    bound = LORA_BOUNDS[written.type]
+    checks.insert(
+        0,
+        Check(
+            "base + (alpha / rank) * B @ A vs the merged weights",
+            worst <= bound and alpha is not None,
+            f"max |diff| {worst:.2g} of the LoRA's largest change (bound {bound:g})"
+            + (f", at {worst_name}" if worst_name else "")
+            + ("" if worst <= bound else ": the adapter does not rebuild the trained weights"),
+        ),
+    )
+    return VerifyResult(
+        str(path),
+        f"lora-{written.type}",
+        all(c.passed for c in checks),
+        checks,
+        {"max_rel_diff": worst, "alpha": float(alpha or 0.0), "targets": len(written.targets)},
+    )
 
 
 def report_path(export: Path) -> Path:
