@@ -48,6 +48,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from tunesmith.cli.serve_cmd import add_serve_parser
 
     add_serve_parser(sub)
+    from tunesmith.cli.synth_cmd import add_synth_parser
+
+    add_synth_parser(sub)
     return parser
 
 
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": _data,
         "score": _score,
         "serve": _serve,
+        "synth": _synth,
     }[args.command]
     try:
         return handler(args)
@@ -177,6 +181,12 @@ def _serve(args: argparse.Namespace) -> int:
     from tunesmith.cli.serve_cmd import run_serve
 
     return run_serve(args)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from tunesmith.cli.synth_cmd import run_synth
+
+    return run_synth(args)
 
 
 def _schema(args: argparse.Namespace) -> int:

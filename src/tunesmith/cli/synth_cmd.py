@@ -1,0 +1,66 @@
+"""`tunesmith synth DOCS... --out data.jsonl`: question-answer training data from documents.
+
+Parsing and printing only; the work is in `tunesmith.synth`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_synth_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "synth", help="build a question-answer dataset from documents with an OpenAI-compatible model"
+    )
+    p.add_argument("docs", nargs="+", help=".txt/.md/.html/.pdf/.docx files, folders or globs")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--config", help="YAML file with a top-level `synth:` section; flags override it")
+    p.add_argument("--endpoint", help="base URL of the API, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="model name sent with each request")
+    p.add_argument("--api-key-env", help="environment variable holding the API key")
+    p.add_argument("--format", choices=["openai", "sharegpt", "alpaca"], help="row format (default openai)")
+    p.add_argument("--questions", type=int, dest="questions_per_chunk", help="questions per chunk")
+    p.add_argument("--concurrency", type=int, help="requests in flight at once")
+    p.add_argument("--cache-dir", help="cache of finished chunks (default: <out>.cache)")
+    p.add_argument("--summary-json", help="also write the summary as JSON to this file")
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        import httpx  # noqa: F401 - the client every request goes through
+    except ImportError:
+        print("synth: needs httpx: pip install 'tunesmith[synth]' (or pip install httpx)", file=sys.stderr)
+        return 2
+    from tunesmith.synth.client import ClientError
+    from tunesmith.synth.config import load_synth_config
+    from tunesmith.synth.pipeline import synthesize
+    from tunesmith.synth.readers import ReaderError
+
+    keys = ("endpoint", "model", "api_key_env", "format", "questions_per_chunk", "concurrency", "cache_dir")
+    try:
+        cfg = load_synth_config(args.config, {k: getattr(args, k) for k in keys})
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"error: synth config: {exc}", file=sys.stderr)
+        return 2
+    api_key = None
+    if cfg.api_key_env:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            print(f"error: environment variable {cfg.api_key_env} is not set (it should hold the API key)", file=sys.stderr)
+            return 2
+    try:
+        summary = synthesize(args.docs, args.out, cfg, api_key=api_key)
+    except (ReaderError, ClientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary.text())
+    print(f"wrote {summary.rows_kept} rows to {args.out}")
+    if args.summary_json:
+        Path(args.summary_json).write_text(summary.to_json() + "\n", encoding="utf-8")
+    return 0

@@ -1,0 +1,1 @@
+"""Training data from documents: read, chunk, ask a model for questions and answers, filter, write."""
