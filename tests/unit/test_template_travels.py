@@ -262,16 +262,19 @@ def test_generation_stops_on_end_of_turn_that_is_not_eos(bare_dir):
         session.close()
 
 
-def test_inference_loads_with_the_trust_remote_code_the_run_recorded(run, tmp_path, monkeypatch):
-    from tunesmith.infer import loading
-
-    copy = tmp_path / "trusting-run"
+def _trusting_copy(run: Path, copy: Path) -> Path:
+    """A copy of `run` whose run.json records trust_remote_code: true."""
     shutil.copytree(run, copy)
     info = json.loads((copy / "run.json").read_text())
     info["trust_remote_code"] = True
     (copy / "run.json").write_text(json.dumps(info))
+    return copy
+
+
+def _spy_on_loads(module: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Record the trust_remote_code of every model and tokenizer load `module` makes."""
     seen: list[tuple[str, bool]] = []
-    real_model, real_tokenizer = loading.load_model, loading.load_tokenizer
+    real_model, real_tokenizer = module.load_model, module.load_tokenizer
 
     def load_model(model_dir: Path, dtype: Any = torch.float32, trust_remote_code: bool = False) -> Any:
         seen.append(("model", trust_remote_code))
@@ -281,8 +284,16 @@ def test_inference_loads_with_the_trust_remote_code_the_run_recorded(run, tmp_pa
         seen.append(("tokenizer", trust_remote_code))
         return real_tokenizer(model_dir, trust_remote_code)
 
-    monkeypatch.setattr(loading, "load_model", load_model)
-    monkeypatch.setattr(loading, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(module, "load_model", load_model)
+    monkeypatch.setattr(module, "load_tokenizer", load_tokenizer)
+    return seen
+
+
+def test_inference_loads_with_the_trust_remote_code_the_run_recorded(run, tmp_path, monkeypatch):
+    from tunesmith.infer import loading
+
+    copy = _trusting_copy(run, tmp_path / "trusting-run")
+    seen = _spy_on_loads(loading, monkeypatch)
     for spec in (copy, copy / "adapter", run):
         loading.load_for_inference(str(spec))
     assert seen == [("model", True), ("tokenizer", True)] * 2 + [("model", False), ("tokenizer", False)]
@@ -292,24 +303,8 @@ def test_serve_gives_older_runs_their_template_and_passes_trust_remote_code(run,
     from tunesmith.serve import adapters
 
     old = _as_an_older_run(run, tmp_path / "old-run")
-    trusting = tmp_path / "trusting-run"
-    shutil.copytree(run, trusting)
-    info = json.loads((trusting / "run.json").read_text())
-    info["trust_remote_code"] = True
-    (trusting / "run.json").write_text(json.dumps(info))
-    seen: list[tuple[str, bool]] = []
-    real_model, real_tokenizer = adapters.load_model, adapters.load_tokenizer
-
-    def load_model(model_dir: Path, dtype: Any = torch.float32, trust_remote_code: bool = False) -> Any:
-        seen.append(("model", trust_remote_code))
-        return real_model(model_dir, dtype, trust_remote_code)
-
-    def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
-        seen.append(("tokenizer", trust_remote_code))
-        return real_tokenizer(model_dir, trust_remote_code)
-
-    monkeypatch.setattr(adapters, "load_model", load_model)
-    monkeypatch.setattr(adapters, "load_tokenizer", load_tokenizer)
+    trusting = _trusting_copy(run, tmp_path / "trusting-run")
+    seen = _spy_on_loads(adapters, monkeypatch)
     models = adapters.load_model_set(str(old), [("trusting", str(trusting))])
     assert models.served["old-run"].tokenizer.chat_template == BUILTIN_TEMPLATES[TEMPLATE]
     assert models.served["trusting"].tokenizer.chat_template == BUILTIN_TEMPLATES[TEMPLATE]
