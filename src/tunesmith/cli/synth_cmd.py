@@ -52,7 +52,10 @@ def run_synth(args: argparse.Namespace) -> int:
     if cfg.api_key_env:
         api_key = os.environ.get(cfg.api_key_env)
         if not api_key:
-            print(f"error: environment variable {cfg.api_key_env} is not set (it should hold the API key)", file=sys.stderr)
+            print(
+                f"error: environment variable {cfg.api_key_env} is not set (it should hold the API key)",
+                file=sys.stderr,
+            )
             return 2
     try:
         summary = synthesize(args.docs, args.out, cfg, api_key=api_key)

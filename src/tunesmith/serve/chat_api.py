@@ -7,17 +7,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from tunesmith.serve import formatting as fmt
 from tunesmith.serve.adapters import ModelSet
 from tunesmith.serve.engine import Engine, GenerationFailed
 from tunesmith.serve.errors import SERVER, APIError, error_body
 from tunesmith.serve.prepare import Prepared, prepare_chat
-from tunesmith.serve.runner import ClientGone, Run
+from tunesmith.serve.runner import Run
 from tunesmith.serve.schemas import ChatRequest, parse
 from tunesmith.serve.settings import ServeSettings
-from tunesmith.serve.transport import CLIENT_CLOSED, EventStream, note, read_json, start_run
+from tunesmith.serve.transport import note, read_json, respond, start_run
 
 
 async def chat_completions(
@@ -27,16 +27,14 @@ async def chat_completions(
     prepared = prepare_chat(body, models, settings)
     run = start_run(engine, prepared, request)
     request_id = fmt.new_id("chatcmpl")
-    if body.stream:
-        return EventStream(_events(run, prepared, body, request_id, request), run)
-    try:
-        return JSONResponse(await _collect(run, prepared, body, request_id, request))
-    except ClientGone:
-        request.state.disconnected = True
-        return Response(status_code=CLIENT_CLOSED)
-    finally:
-        run.cancel()
-        note(request, run, prepared)
+    return await respond(
+        request,
+        run,
+        prepared,
+        body.stream,
+        lambda: _events(run, prepared, body, request_id, request),
+        lambda: _collect(run, prepared, body, request_id, request),
+    )
 
 
 async def _collect(

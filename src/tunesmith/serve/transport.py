@@ -5,15 +5,16 @@ the engine's refusals turned into HTTP errors, and an event-stream response that
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tunesmith.serve.engine import Engine, EngineBusy
 from tunesmith.serve.errors import SERVER, APIError, bad_request, too_large
 from tunesmith.serve.prepare import Prepared
-from tunesmith.serve.runner import Run
+from tunesmith.serve.runner import ClientGone, Run
 
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"; only ever logged
 
@@ -73,3 +74,24 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.run.cancel()
+
+
+async def respond(
+    request: Request,
+    run: Run,
+    prepared: Prepared,
+    stream: bool,
+    events: Callable[[], AsyncIterator[str]],
+    collect: Callable[[], Awaitable[dict[str, Any]]],
+) -> Response:
+    """Stream the run's events, or wait for the whole body; a plain request's run always ends here."""
+    if stream:
+        return EventStream(events(), run)
+    try:
+        return JSONResponse(await collect())
+    except ClientGone:
+        request.state.disconnected = True
+        return Response(status_code=CLIENT_CLOSED)
+    finally:
+        run.cancel()
+        note(request, run, prepared)
