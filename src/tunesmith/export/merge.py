@@ -149,7 +149,7 @@ def export_adapter(
         check_adapter_type,
         write_lora_gguf,
     )
-    from tunesmith.export.verify import verify_lora_gguf
+    from tunesmith.export.verify_lora import verify_lora_gguf
 
     type_name = check_adapter_type(type_name)
     say(f"loading {run_dir}")
