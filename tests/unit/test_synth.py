@@ -289,3 +289,36 @@ def test_config_file_and_cli_flags(tmp_path: Path, capsys: pytest.CaptureFixture
     args = parser.parse_args(["synth", str(tmp_path / "missing.md"), "--out", str(tmp_path / "o.jsonl")])
     assert run_synth(args) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_fails_when_every_chunk_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from tunesmith.cli.synth_cmd import add_synth_parser, run_synth
+
+    with socket.socket() as probe:  # a local port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    doc = tmp_path / "notes.md"
+    doc.write_text("# Pumps\n\nThe pump moves water uphill. It runs on solar power.\n", encoding="utf-8")
+    config = tmp_path / "synth.yaml"
+    config.write_text("synth:\n  retries: 0\n  backoff_s: 0\n", encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    add_synth_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            "synth",
+            str(doc),
+            "--out",
+            str(tmp_path / "out.jsonl"),
+            "--config",
+            str(config),
+            "--endpoint",
+            f"http://127.0.0.1:{port}/v1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    assert run_synth(args) == 1
+    err = capsys.readouterr().err
+    assert "every chunk was skipped" in err and f"127.0.0.1:{port}" in err

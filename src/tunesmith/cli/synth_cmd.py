@@ -66,4 +66,12 @@ def run_synth(args: argparse.Namespace) -> int:
     print(f"wrote {summary.rows_kept} rows to {args.out}")
     if args.summary_json:
         Path(args.summary_json).write_text(summary.to_json() + "\n", encoding="utf-8")
+    if summary.chunks and summary.chunks_skipped == summary.chunks:
+        first = summary.skipped[0]["reason"] if summary.skipped else "unknown"
+        print(
+            f"error: every chunk was skipped (first reason: {first}); check --endpoint {cfg.endpoint} "
+            f"and --model {cfg.model}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
