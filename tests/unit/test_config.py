@@ -112,3 +112,24 @@ def test_the_dumped_config_of_every_method_loads_back(method, tmp_path):
     path.write_text(dump_config(cfg))
     again = load_config(path)
     assert again == cfg
+
+
+def test_eval_tasks_take_kind_path_strings_and_sections():
+    cfg = load_config(
+        BASE,
+        ["eval.tasks=[mc:tasks/sci.jsonl, {kind: gen, path: g.jsonl, match: regex, pattern: '\\d+'}]"],
+    )
+    first, second = cfg.eval.tasks
+    assert (first.kind, first.path, first.shots) == ("mc", "tasks/sci.jsonl", 0)
+    assert (second.kind, second.match, second.pattern) == ("gen", "regex", "\\d+")
+    with pytest.raises(ConfigError, match="KIND:PATH"):
+        load_config(BASE, ["eval.tasks=[sci.jsonl]"])
+    with pytest.raises(ConfigError, match="eval.tasks.0.kind"):
+        load_config(BASE, ["eval.tasks=[bleu:x.jsonl]"])
+
+
+def test_tracking_names_only_known_backends():
+    cfg = load_config(BASE, ["tracking.backends=[tensorboard, mlflow]", "tracking.project=p"])
+    assert cfg.tracking.backends == ["tensorboard", "mlflow"] and cfg.tracking.project == "p"
+    with pytest.raises(ConfigError, match="tracking.backends.0"):
+        load_config(BASE, ["tracking.backends=[comet]"])

@@ -310,6 +310,63 @@ class OutputConfig(Section):
     overwrite: bool = Field(default=False, description="allow writing into a non-empty run directory")
 
 
+TrackerName = Literal["tensorboard", "mlflow", "wandb", "swanlab"]
+
+
+class TrackingConfig(Section):
+    """Where metrics go besides `metrics.jsonl` (which is always written)."""
+
+    backends: list[TrackerName] = Field(
+        default_factory=list, description="trackers to log to; each is an optional extra"
+    )
+    project: str = Field(default="tunesmith", description="the tracker's project or experiment name")
+    run_name: str | None = Field(default=None, description="the tracker's run name; None: the run dir's name")
+
+
+EvalKind = Literal["perplexity", "mc", "gen"]
+
+
+class EvalTask(Section):
+    """One evaluation task: `tunesmith eval --task KIND:PATH` or an entry of `eval.tasks`."""
+
+    kind: EvalKind
+    path: str = Field(description="a local task file (jsonl/json/csv/parquet)")
+    shots: Annotated[int, Field(ge=0)] = Field(default=0, description="mc: examples taken from the dev split")
+    dev_path: str | None = Field(
+        default=None, description="mc: the file the shots come from; None: PATH's rows marked split: dev"
+    )
+    limit: PositiveInt | None = Field(default=None, description="score only the first N items")
+    chat_template: bool = Field(default=False, description="mc: render the prompt through the chat template")
+    all_tokens: bool = Field(default=False, description="perplexity: score every token, not only assistant turns")
+    match: Literal["exact", "regex", "contains", "callable"] = Field(
+        default="exact", description="gen: how a generated answer is compared with the gold one"
+    )
+    pattern: str | None = Field(
+        default=None, description="gen, match regex: the answer is the last match of this regex"
+    )
+    function: str | None = Field(
+        default=None, description="gen, match callable: 'module:function' or 'file.py:function'"
+    )
+    max_new_tokens: PositiveInt = Field(default=256, description="gen: tokens generated per item")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_spec(cls, data: object) -> object:
+        """`"mc:tasks/science.jsonl"` is short for `{kind: mc, path: tasks/science.jsonl}`."""
+        if isinstance(data, str):
+            kind, sep, path = data.partition(":")
+            if not sep or not path:
+                raise ValueError(f"an eval task is KIND:PATH with KIND perplexity, mc or gen, got {data!r}")
+            return {"kind": kind, "path": path}
+        return data
+
+
+class EvalConfig(Section):
+    """Tasks scored every `train.eval_every` steps and at the end, beside the eval loss."""
+
+    tasks: list[EvalTask] = Field(default_factory=list)
+
+
 METHOD_SECTIONS = ("dpo", "simpo", "orpo", "kto", "reward", "grpo")
 """Methods with a settings section of the same name."""
 
@@ -330,6 +387,8 @@ class RunConfig(Section):
         default=None, description="required for method grpo (its reward functions)"
     )
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="before")
     @classmethod

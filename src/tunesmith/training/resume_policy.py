@@ -51,6 +51,8 @@ NO_EFFECT_ON_NUMBERS = (
     "data.on_error",
     "data.max_dropped_fraction",
     "grpo.log_completions_every",
+    "tracking.",
+    "eval.",
 )
 """Keys (or prefixes ending in '.') that change speed, memory or bookkeeping, never the numbers."""
 

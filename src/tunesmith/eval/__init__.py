@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, multiple choice by log-likelihood and generation tasks (`tunesmith eval`)."""
