@@ -337,7 +337,9 @@ class EvalTask(Section):
     )
     limit: PositiveInt | None = Field(default=None, description="score only the first N items")
     chat_template: bool = Field(default=False, description="mc: render the prompt through the chat template")
-    all_tokens: bool = Field(default=False, description="perplexity: score every token, not only assistant turns")
+    all_tokens: bool = Field(
+        default=False, description="perplexity: score every token, not only assistant turns"
+    )
     match: Literal["exact", "regex", "contains", "callable"] = Field(
         default="exact", description="gen: how a generated answer is compared with the gold one"
     )
