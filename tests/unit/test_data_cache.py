@@ -153,7 +153,7 @@ def test_warm_build_reads_nothing_but_the_cache(tokenizer, tmp_path, cache_home)
     data = _write_rows(tmp_path / "d.jsonl", 60)
     cold = _build(tokenizer, data, num_proc=1)
     [entry] = list(cache_home.glob("*.safetensors"))
-    written = entry.stat().st_mtime_ns
+    written = entry.stat().st_ino, entry.read_bytes()
     _scramble_keeping_size_and_mtime(data)
     with pytest.raises(DataError):  # the file itself no longer gives samples
         _build(tokenizer, data, cache=False)
@@ -162,7 +162,7 @@ def test_warm_build_reads_nothing_but_the_cache(tokenizer, tmp_path, cache_home)
     assert warm.report.train_samples == cold.report.train_samples == 60
     assert _same(cold.train, warm.train) and _same(cold.eval, warm.eval)
     assert warm.report.summary() == cold.report.summary()
-    assert entry.stat().st_mtime_ns == written  # read, not rewritten
+    assert (entry.stat().st_ino, entry.read_bytes()) == written  # read, not rewritten (a write renames)
 
 
 def _scramble_keeping_size_and_mtime(path: Path) -> None:
@@ -195,3 +195,72 @@ def test_token_block_round_trip(tokenizer, tmp_path):
     halves = concat([TokenBlock.from_samples(back[:3]), TokenBlock.from_samples(back[3:])])
     assert _same(halves.to_samples(), back)
     assert len(concat([])) == 0
+
+
+def _fake_entry(folder: Path, name: str, size: int, age_s: float) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
+    path.write_bytes(b"x" * size)
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_the_cache_evicts_least_recently_used_entries_beyond_its_cap(
+    tokenizer, tmp_path, cache_home, monkeypatch
+):
+    old = _fake_entry(cache_home, "old", 4000, age_s=300)
+    recent = _fake_entry(cache_home, "recent", 4000, age_s=100)
+    _build(tokenizer, _write_rows(tmp_path / "a.jsonl", 20))
+    assert old.exists() and recent.exists()  # under the default cap nothing goes
+    written = [p for p in cache.entries() if p not in (old, recent)]
+    assert len(written) == 1
+    monkeypatch.setenv(cache.MAX_BYTES_ENV, str(written[0].stat().st_size + 4000 + 10))
+    os.utime(old, None)  # reading would do this: `old` becomes the most recently used
+    _build(tokenizer, _write_rows(tmp_path / "b.jsonl", 20))
+    left = {p.name for p in cache.entries()}
+    assert (
+        "recent.safetensors" not in left and "old.safetensors" in left
+    )  # the least recently used went first
+    assert len(left) == 2  # the new entry and `old` fit under the cap
+
+
+def test_reading_an_entry_marks_it_used(tokenizer, tmp_path, cache_home):
+    path = _write_rows(tmp_path / "a.jsonl", 20)
+    _build(tokenizer, path)
+    (entry,) = cache.entries()
+    os.utime(entry, (1_000_000, 1_000_000))
+    _build(tokenizer, path)
+    assert entry.stat().st_mtime > 1_000_000
+
+
+def test_the_cap_names_a_bad_setting(monkeypatch):
+    from tunesmith.config.load import ConfigError
+
+    monkeypatch.setenv(cache.MAX_BYTES_ENV, "lots")
+    with pytest.raises(ConfigError, match="TUNESMITH_DATA_CACHE_MAX: not a size: 'lots'"):
+        cache.max_bytes()
+    monkeypatch.setenv(cache.MAX_BYTES_ENV, "1.5GB")
+    assert cache.max_bytes() == int(1.5 * 1024**3)
+
+
+def test_cache_command_lists_and_clears_areas(tmp_path, monkeypatch, capsys):
+    from tunesmith.cli.main import main
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    _fake_entry(tmp_path / "cache" / "data", "a", 3000, age_s=10)
+    model = tmp_path / "cache" / "models" / "m-123"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"y" * 5000)
+    busy = tmp_path / "cache" / "models" / ".converting-abc"
+    busy.mkdir()
+    assert main(["cache", "--json"]) == 0
+    listed = {a["name"]: a for a in json.loads(capsys.readouterr().out)["areas"]}
+    assert (listed["data"]["entries"], listed["data"]["bytes"]) == (1, 3000)
+    assert (listed["models"]["entries"], listed["models"]["bytes"]) == (2, 5000)
+    assert main(["cache", "clear", "models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"cleared": ["models"], "freed_bytes": 5000}
+    assert not model.exists() and busy.exists()  # a conversion that may be running is left alone
+    assert (tmp_path / "cache" / "data" / "a.safetensors").exists()
+    assert main(["cache", "clear", "weights"]) == 2
+    assert "unknown cache area 'weights'" in capsys.readouterr().err

@@ -51,6 +51,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from tunesmith.cli.synth_cmd import add_synth_parser
 
     add_synth_parser(sub)
+    from tunesmith.cli.cache_cmd import add_cache_parser
+
+    add_cache_parser(sub)
     return parser
 
 
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "score": _score,
         "serve": _serve,
         "synth": _synth,
+        "cache": _cache,
     }[args.command]
     try:
         return handler(args)
@@ -187,6 +191,12 @@ def _synth(args: argparse.Namespace) -> int:
     from tunesmith.cli.synth_cmd import run_synth
 
     return run_synth(args)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from tunesmith.cli.cache_cmd import run
+
+    return run(args)
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -3,8 +3,11 @@
 An entry is keyed by everything that changes its tokens: each data file's path, size and
 modification time, the source's path setting and format, the tokenizer (a hash of its full
 serialised form and special tokens), the chat template text, the tokenize settings, `on_error`
-and a format version. Any change gives a new key, so an entry is never stale, only unused
-(delete `<cache root>/data/` to reclaim the space).
+and a format version. Any change gives a new key, so an entry is never stale, only unused.
+
+The folder is bounded: reading an entry marks it used (its modification time), and after each
+write the least recently used entries go until the folder fits `$TUNESMITH_DATA_CACHE_MAX`
+(default 20GB; `0` keeps nothing but the entry just written). `tunesmith cache` lists and clears it.
 
 Entries are safetensors files (flat arrays plus a JSON header; no pickle), written to a
 temporary name and renamed, so an interrupted write never leaves a half entry.
@@ -12,6 +15,7 @@ temporary name and renamed, so an interrupted write never leaves a half entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +34,9 @@ CACHE_VERSION = 2
 """Bump when tokenization or the entry layout changes: old entries are then simply not found."""
 CACHE_MIN_BYTES = 64 * 1024
 """Sources smaller than this are not cached: tokenizing them is as fast as reading an entry."""
+
+DEFAULT_MAX_BYTES = 20 * 1024**3
+MAX_BYTES_ENV = "TUNESMITH_DATA_CACHE_MAX"
 
 _ARRAYS = ("ids", "trained", "offsets", "truncated", "file_index", "lines")
 
@@ -116,6 +123,7 @@ def load(key: str) -> CachedSource | None:
     except (OSError, KeyError, ValueError, SafetensorError):
         return None
     block = TokenBlock(**arrays, files=[(f, u) for f, u in meta["files"]])
+    _mark_used(path)
     return CachedSource(
         block=block,
         rows_read=meta["rows_read"],
@@ -143,7 +151,68 @@ def save(key: str, entry: CachedSource) -> Path:
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     save_file(arrays, str(partial), metadata={"meta": json.dumps(meta)})
     os.replace(partial, path)
+    evict_to(max_bytes(), keep=path)
     return path
+
+
+def max_bytes() -> int:
+    """The folder's cap: `$TUNESMITH_DATA_CACHE_MAX` ("5GB", "500MB", bytes), else 20GB."""
+    from tunesmith.config.load import ConfigError
+    from tunesmith.sizes import parse_size
+
+    text = os.environ.get(MAX_BYTES_ENV)
+    if not text:
+        return DEFAULT_MAX_BYTES
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise ConfigError(f"{MAX_BYTES_ENV}: {exc}") from None
+
+
+def entries() -> list[Path]:
+    """The cache's entries, least recently used first."""
+    folder = cache_dir()
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob("*.safetensors"):
+        try:
+            found.append((path.stat().st_mtime_ns, path))
+        except FileNotFoundError:  # evicted by another process meanwhile
+            continue
+    return [path for _, path in sorted(found)]
+
+
+def evict_to(limit: int, keep: Path | None = None) -> list[Path]:
+    """Delete least recently used entries until the folder holds at most `limit` bytes.
+
+    `keep` (the entry just written) stays even when it alone exceeds the limit: the run that wrote it
+    reads it next time. Returns the deleted paths."""
+    listed = entries()
+    sizes = {path: _size(path) for path in listed}
+    total = sum(sizes.values())
+    removed = []
+    for path in listed:
+        if total <= limit:
+            break
+        if keep is not None and path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        total -= sizes[path]
+        removed.append(path)
+    return removed
+
+
+def _mark_used(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache still serves its entries
+        os.utime(path)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _issue_row(issue: RowIssue) -> list[Any]:
