@@ -35,6 +35,28 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return bounds
 
 
+def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+    """flash-attention's varlen arguments for packed rows, the whole batch flattened into one sequence.
+
+    transformers finds packed samples from position ids only when a batch has one row; with more rows
+    it runs plain causal attention per row, so each packed sample would attend into the samples before
+    it. Given `cu_seq_lens_*`/`max_length_*` it runs the varlen kernel over the flattened batch (and
+    skips re-deriving them in every layer). A sample starts at every row start and wherever the
+    position ids do not count up by one."""
+    restarts = torch.ones_like(position_ids, dtype=torch.bool)
+    restarts[:, 1:] = torch.diff(position_ids, dim=-1) != 1
+    starts = restarts.reshape(-1).nonzero().flatten()
+    total = torch.tensor([position_ids.numel()], device=position_ids.device)
+    cu_seq_lens = torch.cat([starts, total]).to(torch.int32)
+    max_length = int(cu_seq_lens.diff().max())
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }
+
+
 def varlen_sdpa_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.tokenize import IGNORE_INDEX
 from tunesmith.models.attention import packed_layer_masks, packed_mask_kind
+from tunesmith.models.varlen_attention import flash_varlen_kwargs
 
 
 def head_logits(
@@ -125,12 +126,15 @@ def attention_inputs(config: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     mask = inputs.get("attention_mask")
     packed = mask is not None and mask.dim() == 4
     if packed_mask_kind(implementation) == "none":
-        if inputs.get("position_ids") is None and (mask is None or packed):
+        position_ids = inputs.get("position_ids")
+        if position_ids is None and (mask is None or packed):
             raise ValueError(
                 f"attention {implementation!r} finds packed samples from position_ids, and this batch has "
                 "none; give each sample position ids that restart at 0 (data.packing does), or a 2-D "
                 "attention_mask for one sample per row"
             )
+        if implementation == "flash_attention_2" and position_ids is not None and mask is None:
+            return {**inputs, **flash_varlen_kwargs(position_ids)}
         return inputs
     if packed and implementation in ("sdpa", "eager"):
         return {**inputs, "attention_mask": packed_layer_masks(config, mask, implementation)}
