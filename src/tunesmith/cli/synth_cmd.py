@@ -25,6 +25,26 @@ def add_synth_parser(sub: Any) -> None:
     p.add_argument("--format", choices=["openai", "sharegpt", "alpaca"], help="row format (default openai)")
     p.add_argument("--questions", type=int, dest="questions_per_chunk", help="questions per chunk")
     p.add_argument("--concurrency", type=int, help="requests in flight at once")
+    p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        help="chunk by tokens: at most N tokens a chunk (sets chunking.mode tokens)",
+    )
+    p.add_argument("--overlap", type=int, help="tokens shared by neighbouring chunks (with --chunk-tokens)")
+    p.add_argument(
+        "--tokenizer",
+        help="whose tokens --chunk-tokens counts: 'default' (the default model) or a model folder",
+    )
+    p.add_argument(
+        "--reasoning",
+        choices=["off", "keep", "strip"],
+        help="ask for a <think> block before each answer; keep writes it into the data, strip drops it",
+    )
+    p.add_argument(
+        "--judge-threshold",
+        type=float,
+        help="rate each pair with a second request; keep scores >= this (1-5)",
+    )
     p.add_argument("--cache-dir", help="cache of finished chunks (default: <out>.cache)")
     p.add_argument("--summary-json", help="also write the summary as JSON to this file")
 
@@ -37,14 +57,32 @@ def run_synth(args: argparse.Namespace) -> int:
     except ImportError:
         print("synth: needs httpx: pip install 'tunesmith[synth]' (or pip install httpx)", file=sys.stderr)
         return 2
+    from tunesmith.config.load import ConfigError
     from tunesmith.synth.client import ClientError
     from tunesmith.synth.config import load_synth_config
     from tunesmith.synth.pipeline import synthesize
     from tunesmith.synth.readers import ReaderError
 
-    keys = ("endpoint", "model", "api_key_env", "format", "questions_per_chunk", "concurrency", "cache_dir")
+    keys = (
+        "endpoint",
+        "model",
+        "api_key_env",
+        "format",
+        "questions_per_chunk",
+        "concurrency",
+        "reasoning",
+        "cache_dir",
+    )
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    overrides["chunking"] = {
+        "mode": "tokens" if args.chunk_tokens is not None else None,
+        "max_tokens": args.chunk_tokens,
+        "overlap": args.overlap,
+        "tokenizer": args.tokenizer,
+    }
+    overrides["judge"] = {"threshold": args.judge_threshold}
     try:
-        cfg = load_synth_config(args.config, {k: getattr(args, k) for k in keys})
+        cfg = load_synth_config(args.config, overrides)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"error: synth config: {exc}", file=sys.stderr)
         return 2
@@ -59,6 +97,9 @@ def run_synth(args: argparse.Namespace) -> int:
             return 2
     try:
         summary = synthesize(args.docs, args.out, cfg, api_key=api_key)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ReaderError, ClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from tunesmith.synth.readers import Document
+from tunesmith.synth.readers import Document, ReaderError
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*)$", re.M)
 _SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+|\n\n")
@@ -45,29 +46,64 @@ def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
     return spans
 
 
-def _hard_split(span: tuple[int, int], size: Callable[[int, int], int], cap: int) -> list[tuple[int, int]]:
-    """A sentence over the cap, cut at the last whitespace that fits (only when unavoidable)."""
+def _longest_fit(cands: list[int], s: int, size: Callable[[int, int], int], cap: int) -> int | None:
+    """The largest candidate end `c` with size(s, c) <= cap (sizes grow with the end), by bisection."""
+    lo, hi, best = 0, len(cands) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if size(s, cands[mid]) <= cap:
+            best, lo = cands[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _hard_split(
+    text: str, span: tuple[int, int], size: Callable[[int, int], int], cap: int
+) -> list[tuple[int, int]]:
+    """A sentence over the cap, cut at the last whitespace that fits (only when unavoidable); a single
+    word over the cap is cut between characters."""
     out, (s, e) = [], span
     while size(s, e) > cap:
-        cut = s + 1
-        while cut < e and size(s, cut + 1) <= cap:
-            cut += 1
+        gaps = [(m.start(), m.end()) for m in re.finditer(r"\s+", text[s:e])]
+        cut = _longest_fit([s + a for a, _ in gaps if a > 0], s, size, cap)
+        if cut is not None:
+            out.append((s, cut))
+            s = next(s + b for a, b in gaps if s + a == cut)
+            continue
+        cut = _longest_fit(list(range(s + 1, e)), s, size, cap) or s + 1
         out.append((s, cut))
         s = cut
     out.append((s, e))
     return out
 
 
+def _window_end(pieces: list[tuple[int, int]], i: int, size: Callable[[int, int], int], cap: int) -> int:
+    """The end j of the longest run pieces[i:j] that fits in `cap` (at least one piece): doubling
+    steps, then bisection, so a window of k sentences costs O(log k) counts of about its length."""
+    start = pieces[i][0]
+
+    def fits(j: int) -> bool:
+        return size(start, pieces[j - 1][1]) <= cap
+
+    lo, step = i + 1, 1  # pieces[i:lo] fits (or is the one piece a window always takes)
+    while lo + step <= len(pieces) and fits(lo + step):
+        lo, step = lo + step, step * 2
+    hi = min(lo + step, len(pieces) + 1)  # pieces[i:hi] does not fit, or runs past the end
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def _pack(
-    spans: list[tuple[int, int]], size: Callable[[int, int], int], cap: int, overlap: int
+    text: str, spans: list[tuple[int, int]], size: Callable[[int, int], int], cap: int, overlap: int
 ) -> list[tuple[int, int]]:
     """Consecutive sentences into windows of at most `cap`, the next one repeating up to `overlap`."""
-    pieces = [p for sp in spans for p in (_hard_split(sp, size, cap) if size(*sp) > cap else [sp])]
+    pieces = [p for sp in spans for p in (_hard_split(text, sp, size, cap) if size(*sp) > cap else [sp])]
     windows, i = [], 0
     while i < len(pieces):
-        j = i + 1
-        while j < len(pieces) and size(pieces[i][0], pieces[j][1]) <= cap:
-            j += 1
+        j = _window_end(pieces, i, size, cap)
         windows.append((pieces[i][0], pieces[j - 1][1]))
         if j >= len(pieces):
             break
@@ -94,7 +130,7 @@ def chunk_by_headings(doc: Document, max_chars: int) -> list[Chunk]:
         heads = tuple(t for _, t in path)
         if not _HEADING.sub("", text[start:end]).strip():
             continue  # a heading with no text of its own: it only names the sections below
-        for s, e in _pack(_sentences(text, start, end), lambda a, b: b - a, max_chars, 0):
+        for s, e in _pack(text, _sentences(text, start, end), lambda a, b: b - a, max_chars, 0):
             chunks.append(Chunk(doc.path, len(chunks), s, e, text[s:e], heads, doc.page_at(s)))
     return chunks
 
@@ -105,5 +141,27 @@ def chunk_by_tokens(
     """Windows of whole sentences of at most `max_tokens` tokens, neighbours sharing up to `overlap`."""
     text = doc.text
     size = lambda a, b: count_tokens(text[a:b])  # noqa: E731
-    windows = _pack(_sentences(text, 0, len(text)), size, max_tokens, overlap)
+    windows = _pack(text, _sentences(text, 0, len(text)), size, max_tokens, overlap)
     return [Chunk(doc.path, i, s, e, text[s:e], (), doc.page_at(s)) for i, (s, e) in enumerate(windows)]
+
+
+def token_counter(tokenizer: str | None) -> Callable[[str], int]:
+    """Tokens of a text as the target model counts them: `default` (the default model's tokenizer) or a
+    folder with a tokenizer; None counts whitespace-separated words."""
+    if tokenizer is None:
+        return lambda s: len(s.split())
+    from tunesmith.models.load import load_tokenizer
+
+    if tokenizer == "default":
+        from tunesmith.models.default_model import default_tokenizer_dir
+
+        folder = default_tokenizer_dir()
+    else:
+        folder = Path(tokenizer)
+        if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+            raise ReaderError(
+                f"chunking.tokenizer {tokenizer!r}: no tokenizer in that folder (tokenizer.json or "
+                "tokenizer_config.json); give a model folder, or 'default' for the default model's tokenizer"
+            )
+    tok = load_tokenizer(folder)
+    return lambda s: len(tok(s, add_special_tokens=False)["input_ids"])

@@ -21,6 +21,8 @@ class Reply:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    reasoning: str | None = None
+    """`reasoning_content` (vLLM, DeepSeek) or `reasoning` of the message, where the server splits it off."""
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Counts:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    replies_without_usage: int = 0
 
 
 class ChatClient:
@@ -76,15 +79,20 @@ class ChatClient:
 
     def _reply(self, data: dict[str, Any]) -> Reply:
         usage = data.get("usage") or {}
-        self.counts.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-        self.counts.completion_tokens += int(usage.get("completion_tokens") or 0)
+        if not usage:
+            self.counts.replies_without_usage += 1
+        prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        self.counts.prompt_tokens += prompt
+        self.counts.completion_tokens += completion
         choice = (data.get("choices") or [{}])[0]
-        text = (choice.get("message") or {}).get("content") or ""
+        message = choice.get("message") or {}
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
         return Reply(
-            text,
+            message.get("content") or "",
             choice.get("finish_reason"),
-            int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0),
+            prompt,
+            completion,
+            reasoning if isinstance(reasoning, str) else None,
         )
 
     async def aclose(self) -> None:

@@ -84,6 +84,8 @@ class Row:
     answer: str
     chunk_text: str
     provenance: dict[str, Any]
+    reasoning: str | None = None
+    """Asked for with `reasoning: keep|strip`; filters look at the answer alone."""
 
 
 def apply_filters(rows: list[Row], cfg: Filters) -> tuple[list[Row], Counter[str]]:

@@ -6,16 +6,21 @@ summary); `error` says why nothing usable came out (the pipeline retries, then s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from tunesmith.data.tokenize import strip_reasoning
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)(?:```|$)", re.S)
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.S)
 _NUMBERED = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s*(.+?)\s*$")
 _QUESTION = re.compile(r"[^.?!:\n]*\?")
 _STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_THINK_INNER = re.compile(r"<think>(.*?)</think>", re.S)
+_NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w.]*\d)")
 
 
 @dataclass
@@ -23,6 +28,8 @@ class Parsed:
     value: Any = None
     repairs: list[str] = field(default_factory=list)
     error: str | None = None
+    reasoning: str | None = None
+    """The reasoning that came with an answer, when it was asked for."""
 
 
 def _norm(s: str) -> str:
@@ -111,12 +118,41 @@ def parse_questions(text: str, n: int, prompt: str, truncated: bool = False) -> 
     return out
 
 
-def parse_answer(text: str, question: str, truncated: bool) -> Parsed:
-    """An answer as plain text; a one-item list or {"answer": ...} unwrapped; empty, cut-off or echoed answers refused."""
+def _split_reasoning(text: str, given: str | None) -> tuple[str | None, str]:
+    """(reasoning, rest): a `<think>` block in the text (or text before an unopened `</think>`),
+    else the server's own reasoning field; the rest with the reasoning removed as `data.reasoning: strip` does."""
+    m = _THINK_INNER.search(text)
+    if m:
+        reasoning = m.group(1)
+    elif "</think>" in text:
+        reasoning = text.split("</think>")[0]
+    else:
+        reasoning = given or ""
+    return reasoning.strip() or None, strip_reasoning(text)
+
+
+def parse_answer(
+    text: str,
+    question: str,
+    truncated: bool,
+    *,
+    want_reasoning: bool = False,
+    reasoning: str | None = None,
+) -> Parsed:
+    """An answer as plain text; a one-item list or {"answer": ...} unwrapped; empty, cut-off or echoed answers refused.
+
+    With `want_reasoning` the reasoning (a `<think>` block, or the server's `reasoning_content`) goes to
+    `Parsed.reasoning` and an answer without it is refused; otherwise a `<think>` block is dropped (a repair).
+    """
     out = Parsed()
+    if want_reasoning:
+        out.reasoning, text = _split_reasoning(text, reasoning)
     body = _strip(text, out.repairs)
     if truncated:
         out.error = "answer cut off at the token limit"
+        return out
+    if want_reasoning and out.reasoning is None:
+        out.error = "no reasoning block (<think>...</think>) before the answer"
         return out
     if body[:1] in "[{" and body:
         try:
@@ -141,4 +177,31 @@ def parse_answer(text: str, question: str, truncated: bool) -> Parsed:
         out.error = "answer repeats the question"
     else:
         out.value = body
+    return out
+
+
+def parse_score(text: str, scale: int) -> Parsed:
+    """A judge's rating in 1..scale: a bare number, {"score": n}, or the one number in a sentence."""
+    out = Parsed()
+    body = _strip(text, out.repairs)
+    value: Any = None
+    with contextlib.suppress(json.JSONDecodeError):
+        value = json.loads(body)
+    if isinstance(value, dict):
+        value = value.get("score", value.get("rating"))
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not (isinstance(value, int | float) and not isinstance(value, bool)):
+        found = {float(n) for n in _NUMBER.findall(body)}
+        if len(found) > 1:  # "4/5", "4 out of 5": the scale is not the score
+            found.discard(float(scale))
+        if len(found) != 1:
+            out.error = f"no single score in the judge's output ({body[:60]!r})"
+            return out
+        value = found.pop()
+        out.repairs.append("score taken from prose")
+    if not 1 <= float(value) <= scale:
+        out.error = f"score {value} outside 1..{scale}"
+        return out
+    out.value = float(value)
     return out
