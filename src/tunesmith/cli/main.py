@@ -45,6 +45,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from tunesmith.cli.score_cmd import add_score_parser
 
     add_score_parser(sub)
+    from tunesmith.cli.runs_cmd import add_runs_parser
+
+    add_runs_parser(sub)
     from tunesmith.cli.serve_cmd import add_serve_parser
 
     add_serve_parser(sub)
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "config-schema": _schema,
         "data": _data,
         "score": _score,
+        "runs": _runs,
         "serve": _serve,
         "synth": _synth,
         "cache": _cache,
@@ -177,6 +181,12 @@ def _data(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from tunesmith.cli.score_cmd import run
+
+    return run(args)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from tunesmith.cli.runs_cmd import run
 
     return run(args)
 

@@ -11,7 +11,17 @@ import logging
 import os
 import warnings
 
-NOISY_PACKAGES = ("transformers", "peft", "accelerate", "torch", "huggingface_hub", "datasets", "gguf")
+NOISY_PACKAGES = (
+    "transformers",
+    "peft",
+    "accelerate",
+    "torch",
+    "huggingface_hub",
+    "datasets",
+    "gguf",
+    "bitsandbytes",  # on import, on CPUs with AVX512-BF16: "Failed to load CPU gemm_4bit_forward ..."
+    "kernels",
+)
 
 
 def quiet_libraries(verbose: bool) -> None:

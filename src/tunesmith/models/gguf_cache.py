@@ -73,11 +73,14 @@ def ensure_converted(gguf_path: Path, target: Path | None = None, hint: str = RE
     target = target or gguf_cache_dir(gguf_path)
     if (target / READY_MARKER).is_file():
         return target
+    from tunesmith.training.progress import phase
+
     log.info("converting %s to safetensors in %s (once; about 30 s)", gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
-        _convert_or_name_the_file(gguf_path, staging, hint)
+        with phase(f"converting {gguf_path.name} to safetensors (once; later loads take a second)"):
+            _convert_or_name_the_file(gguf_path, staging, hint)
         (staging / READY_MARKER).write_text(f"converted from {gguf_path.name}\n", encoding="utf-8")
         if target.exists():  # a half-written directory from an interrupted conversion
             shutil.rmtree(target)

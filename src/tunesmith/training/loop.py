@@ -86,13 +86,32 @@ class TrainResult:
 
 def train(cfg: RunConfig, show_progress: bool = True, stop_after_step: int | None = None) -> TrainResult:
     """Run a whole training job. `stop_after_step` acts like a Ctrl-C after that step (for tests)."""
+    from tunesmith.training.progress import phases_shown
+    from tunesmith.training.run_dir import failure_reason, mark_ended
+
     run_dir = Path(cfg.output.dir)
     create_run_dir(run_dir)
     lock = RunLock(run_dir) if _is_launch_rank_zero() else None
     if lock is not None:
         lock.acquire()
     try:
-        return _train_locked(cfg, run_dir, show_progress, stop_after_step)
+        with phases_shown(show_progress and _is_launch_rank_zero()):
+            result = _train_locked(cfg, run_dir, show_progress, stop_after_step)
+    except KeyboardInterrupt:
+        if lock is not None:
+            mark_ended(run_dir, "interrupted", "stopped by a second Ctrl-C (no checkpoint)")
+        raise
+    except BaseException as exc:
+        if lock is not None:
+            mark_ended(run_dir, "failed", failure_reason(exc))
+        raise
+    else:
+        if lock is not None:
+            status, reason = "finished", None
+            if result.interrupted:
+                status, reason = "interrupted", f"stopped at step {result.steps}; continue with --resume"
+            mark_ended(run_dir, status, reason, steps=result.steps)
+        return result
     finally:
         if lock is not None:
             lock.release()
@@ -114,6 +133,7 @@ def _train_locked(
     from tunesmith.models.adapters import apply_adapter, compile_decoder_layers, count_parameters
     from tunesmith.models.attention import choose_attention
     from tunesmith.models.load import load_model_and_tokenizer
+    from tunesmith.training.progress import phase, start_phase
 
     candidates = resume_candidates(run_dir, cfg.train.resume)
     prepare_run_dir(
@@ -128,6 +148,10 @@ def _train_locked(
         else None
     )
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    if _is_launch_rank_zero():
+        from tunesmith.training.run_dir import mark_running
+
+        mark_running(run_dir)
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision_choice = choose_precision(cfg.train.precision, device_type)
@@ -141,11 +165,14 @@ def _train_locked(
         torch.set_flush_denormal(True)  # denormals slowed CPU steps up to 5.5x as weights drifted small
     set_seed(cfg.train.seed)
     attention = choose_attention(cfg.train.attention, accelerator.device.type)
+    loading = start_phase(f"loading model {cfg.model}")
     model, tokenizer, model_dir = load_model_and_tokenizer(
         cfg.model, trust_remote_code=cfg.trust_remote_code, attention=attention
     )
+    loading.done()
     method = get_method(cfg.method)
-    prepared = method.prepare_data(cfg, tokenizer)
+    with phase("preparing data"):
+        prepared = method.prepare_data(cfg, tokenizer)
     data = prepared.data
     fingerprint = {"config": cfg.model_dump(mode="json"), "data": prepared.fingerprint}
     model = apply_adapter(model, cfg.adapter)
@@ -213,8 +240,13 @@ class Trainer(CheckpointingMixin):
         precision: str = "fp32",
         fingerprint: dict[str, Any] | None = None,
     ) -> None:
+        from tunesmith.training.tracking import Trackers, check_installed
+
+        check_installed(cfg.tracking.backends)  # a missing tracker package stops the run before any work
         t = cfg.train
         self.cfg, self.accelerator, self.method, self.run_dir = cfg, accelerator, method, run_dir
+        self.data_report = prepared.data.report
+        self.trackers = Trackers([])
         self.fingerprint = fingerprint
         self.scaler = torch.amp.GradScaler(accelerator.device.type) if precision == "fp16" else None
         self.consecutive_overflows = 0
@@ -274,6 +306,10 @@ class Trainer(CheckpointingMixin):
         self.reporter.message(text)
 
     def close(self) -> None:
+        try:
+            self.trackers.finish(ok=False)  # a no-op after a run that got to its end; else marks it failed
+        except Exception as exc:  # never hide the error that stopped the run behind a tracker's
+            log.warning("closing the trackers failed: %s", exc)
         self.reporter.close()
 
     def run(self, candidates: list[Path] | Path | None, stop_after_step: int | None = None) -> TrainResult:
@@ -282,7 +318,14 @@ class Trainer(CheckpointingMixin):
         resumed = bool(candidates)
         if candidates:
             self._restore(candidates)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state.step if resumed else None)
+        from tunesmith.training.tracking import finish_trackers, open_trackers, run_summary
+
+        resume_step = self.state.step if resumed else None
+        main = self.accelerator.is_main_process
+        self.trackers = open_trackers(self.cfg, self.run_dir, resume_step, main, self.data_report)
+        for line in self.trackers.where():
+            self.reporter.message(f"tracking to {line}")
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step, sinks=[self.trackers.log_row])
         t = self.cfg.train
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         losses: list[float] = []
@@ -317,6 +360,9 @@ class Trainer(CheckpointingMixin):
                     )
                     interrupted = True
                     break
+        if self.trackers:
+            summary = run_summary(self.run_dir, self.state.step, self.total_steps, interrupted)
+            finish_trackers(self.trackers, self.run_dir, summary)
         return TrainResult(self.run_dir, self.state.step, interrupted, losses[-1] if losses else None, losses)
 
     def _epoch_ended(self) -> bool:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    """Appends rows to metrics.jsonl, then hands each row to the sinks (the trackers), in order."""
+
+    def __init__(
+        self, path: Path, resume_step: int | None, sinks: Iterable[Callable[[dict[str, Any]], None]] = ()
+    ) -> None:
         self.path = path
+        self.sinks = list(sinks)
         if resume_step is None:
             path.write_text("", encoding="utf-8")
         else:
@@ -26,6 +32,8 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+        for sink in self.sinks:  # after the file: a tracker never holds a row metrics.jsonl lacks
+            sink(row)
 
 
 def step_metric_means(sums: dict[str, float], counts: dict[str, float], units: float) -> dict[str, float]:

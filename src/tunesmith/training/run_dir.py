@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,23 @@ RUN_INFO = "run.json"
 LOCK_FILE = ".tunesmith.lock"
 TEMPLATE_SAVED = "tokenizer_has_training_template"
 """run.json key: the saved tokenizer carries the chat template training used."""
-_RUN_FILES = ("checkpoints", "adapter", "model", "metrics.jsonl", "curves.png", RUN_INFO)
+STATUS_FILE = "status.json"
+"""The run's state (running / finished / interrupted / failed) and, for a failure, its reason."""
+RUN_STATUSES = ("running", "finished", "interrupted", "failed")
+_RUN_FILES = (
+    "checkpoints",
+    "adapter",
+    "model",
+    "metrics.jsonl",
+    "curves.png",
+    RUN_INFO,
+    STATUS_FILE,
+    # trackers' files (training/tracking.py): a fresh run must not continue the old run's tracker runs
+    "tracking.json",
+    "tensorboard",
+    "wandb",
+    "swanlog",
+)
 
 
 def create_run_dir(run_dir: Path) -> None:
@@ -255,3 +272,136 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
             f"{run_dir} is not a finished tunesmith run (no {RUN_INFO}); did training complete?"
         )
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# -- the run's status: so that a crashed run reads as failed, never as running forever ------------
+
+DEAD_RUN_REASON = "process ended without a status; killed?"
+
+
+def mark_running(run_dir: Path) -> None:
+    """Status `running`, with this process's pid and host and the start time (rank 0 only)."""
+    now = time.time()
+    _write_status(
+        run_dir,
+        {
+            "status": "running",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": now,
+            "updated": now,
+        },
+    )
+
+
+def mark_ended(run_dir: Path, status: str, reason: str | None = None, steps: int | None = None) -> bool:
+    """Record how this process's run ended; False (nothing written) when the status is not ours.
+
+    Only the process that marked the run `running` may end it: a run refused before it started (a
+    directory that holds another run) must not overwrite that run's status.
+    """
+    if status not in RUN_STATUSES or status == "running":
+        raise ValueError(f"not an end status: {status!r}")
+    current = _read_status_file(run_dir)
+    if (
+        current.get("status") != "running"
+        or current.get("pid") != os.getpid()
+        or current.get("host") != socket.gethostname()
+    ):
+        return False
+    now = time.time()
+    ended = {**current, "status": status, "updated": now, "ended": now}
+    ended["duration_s"] = round(now - float(current.get("started", now)), 3)
+    if reason:
+        ended["reason"] = reason
+    if steps is not None:
+        ended["steps"] = steps
+    try:
+        _write_status(run_dir, ended)
+    except OSError:  # a full disk must not hide why the run ended; readers then see a dead `running`
+        return False
+    return True
+
+
+def failure_reason(exc: BaseException) -> str:
+    """An exception as one line: its type (unless it is one of ours) and its message's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    own = type(exc).__module__.startswith("tunesmith.")
+    if isinstance(exc, MemoryError) or "out of memory" in message.lower():
+        kind = "out of memory"
+    else:
+        kind = "" if own and message else type(exc).__name__
+    text = f"{kind}: {message}" if kind and message else kind or message
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """The run's status; a `running` one whose process is gone reads as `failed` (with `stale: True`).
+
+    A directory without status.json (a run from before statuses were recorded) reads as `finished`
+    when run.json commits it and `unknown` otherwise.
+    """
+    current = _read_status_file(run_dir)
+    if not current:
+        return {"status": "finished" if (run_dir / RUN_INFO).is_file() else "unknown"}
+    if current.get("status") == "running" and not _running_owner_alive(run_dir, current):
+        return {**current, "status": "failed", "reason": DEAD_RUN_REASON, "stale": True}
+    return current
+
+
+def _running_owner_alive(run_dir: Path, status: dict[str, Any]) -> bool:
+    """On this host: the pid lives and the run's lock is held. Elsewhere: the lock is held."""
+    pid = status.get("pid")
+    if status.get("host") == socket.gethostname():
+        if not isinstance(pid, int) or not _pid_alive(pid):
+            return False
+        if pid == os.getpid():
+            return True  # this process runs it (a lock probe from here would always succeed)
+    held = _lock_held(run_dir)
+    return held if held is not None else status.get("host") != socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_held(run_dir: Path) -> bool | None:
+    """Whether some process holds the run's flock (None where that cannot be told).
+
+    A shared, non-blocking probe released at once: the owner's exclusive lock refuses it."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = run_dir / LOCK_FILE
+    if not path.is_file():
+        return False
+    try:
+        with open(path, encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return None
+
+
+def _read_status_file(run_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    write_text_atomic(run_dir / STATUS_FILE, json.dumps(status, indent=1))

@@ -1,0 +1,1 @@
+"""Runs without a tracker: an overview of the runs under a folder, and side-by-side comparison."""
