@@ -21,7 +21,10 @@ BASE = {"data": {"train": [{"path": "x.jsonl"}]}}
             "method=dpoo",
             "method: expected one of 'sft', 'pretrain', 'dpo', 'simpo', 'orpo', 'kto', 'reward' or 'grpo', got \"dpoo\"",
         ),
-        ("adapter.type=qlora", "adapter: expected type one of 'lora', 'full', 'freeze', got \"qlora\""),
+        (
+            "adapter.type=qlor",
+            "adapter: expected type one of 'lora', 'qlora', 'full', 'freeze', got \"qlor\"",
+        ),
         ("trian.lr=1", "trian: unknown key"),
         ("train.learning_rate=1", "train.learning_rate: unknown key"),
         ("data.train=[]", "data.train: needs at least one entry"),

@@ -22,6 +22,7 @@ from typing import Any
 from tunesmith.data.templates import training_template
 from tunesmith.export.verify import Reference, VerifyResult, reference, report_path
 from tunesmith.infer.loading import load_for_inference
+from tunesmith.models.quantization import is_quantized
 from tunesmith.models.save import save_model_dir
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ def export(
     is_adapter = hasattr(model, "merge_and_unload")
     if is_adapter and not merge and gguf_type is None:
         raise NeedsMerge("this run holds a LoRA adapter: pass --merge to fold it into the base weights")
+    if is_adapter and is_quantized(model):
+        say(
+            "de-quantizing the base (a pre-quantized checkpoint) to merge the adapter into full-precision weights"
+        )
+        model = dequantized_adapter_model(model)
     template, notes = training_template(run_dir, tokenizer)
     ref = reference(model, tokenizer, template)
     rounded = ref.logits
@@ -136,6 +142,25 @@ ADAPTER_NOTE = (
     "a LoRA adapter holds no vocabulary or template: apply it over a GGUF of the base model it was "
     "trained on (llama-cli -m base.gguf --lora {name})"
 )
+
+
+def dequantized_adapter_model(model: Any) -> Any:
+    """The same adapter over the base de-quantized to fp32 (bitsandbytes layers back to nn.Linear).
+
+    A QLoRA run over a full-precision checkpoint loads its base unquantized anyway; one over a
+    checkpoint saved quantized would otherwise merge into 4-bit weights and quantize the merge again.
+    The export check then compares against this de-quantized model, the one the export holds."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    config = model.peft_config["default"]
+    state = get_peft_model_state_dict(model)
+    base = model.unload().dequantize()
+    for parameter in base.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.float()
+    dequantized = get_peft_model(base, config)
+    set_peft_model_state_dict(dequantized, state)
+    return dequantized.eval()
 
 
 def export_adapter(

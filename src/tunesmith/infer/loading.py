@@ -123,6 +123,9 @@ def _load_adapter(
     if not base_dir.is_dir():
         raise FileNotFoundError(f"the base model of {adapter_dir} is gone: {base_dir}")
     base = load_model(base_dir, dtype, trust_remote_code)
-    model = PeftModel.from_pretrained(base, adapter_dir)
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
-    return model.eval(), load_tokenizer(tokenizer_dir, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:  # the run added special tokens
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter holds the rows
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    return model.eval(), tokenizer

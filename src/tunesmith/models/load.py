@@ -84,7 +84,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     attention: str = "sdpa",
+    adapter: Any = None,
 ) -> Any:
+    """`adapter`: a QLoRA adapter config loads the linear layers quantized (bitsandbytes) as they are
+    read; a checkpoint saved quantized (its config.json has a quantization_config) loads as it is."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunesmith.models.attention import attention_for_model
@@ -96,14 +99,45 @@ def load_model(
     if attention == VARLEN_SDPA:
         register_varlen_sdpa()
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attention
+        model_dir,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attention,
+        **_quantized_load(model_dir, adapter),
     )
 
 
+def _quantized_load(model_dir: Path, adapter: Any) -> dict[str, Any]:
+    from tunesmith.config.schema import QloraAdapter
+    from tunesmith.models import quantization
+
+    if quantization.checkpoint_quantization(model_dir) is not None:
+        quantization.require_bitsandbytes()
+        return {"device_map": quantization.load_device_map()}
+    if isinstance(adapter, QloraAdapter):
+        return {
+            "quantization_config": quantization.quantization_config(adapter),
+            "device_map": quantization.load_device_map(),
+        }
+    return {}
+
+
 def load_model_and_tokenizer(
-    spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, attention: str = "sdpa"
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    attention: str = "sdpa",
+    adapter: Any = None,
 ) -> tuple[Any, Any, Path]:
+    """`adapter` (the run's adapter config): QLoRA loads the base quantized; `new_special_tokens` are
+    added to the tokenizer (and the embedding grown) here, before any data is tokenized."""
     model_dir = resolve_model_dir(spec)
     log.info("loading model from %s (attention: %s)", model_dir, attention)
-    model = load_model(model_dir, dtype, trust_remote_code, attention)
-    return model, load_tokenizer(model_dir, trust_remote_code), model_dir
+    model = load_model(model_dir, dtype, trust_remote_code, attention, adapter)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    tokens = getattr(adapter, "new_special_tokens", None)
+    if tokens:
+        from tunesmith.models.adapters import add_special_tokens
+
+        add_special_tokens(model, tokenizer, list(tokens))
+    return model, tokenizer, model_dir

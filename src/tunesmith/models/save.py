@@ -15,7 +15,10 @@ def save_model_dir(model: Any, tokenizer: Any, out: Path) -> Path:
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        from tunesmith.models.adapters import adapter_save_kwargs
+
+        # PiSSA/OLoRA adapters are converted to apply to the unchanged base; new tokens save their rows only
+        model.save_pretrained(staging, safe_serialization=True, **adapter_save_kwargs(model))
         tokenizer.save_pretrained(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -26,7 +26,7 @@ from tunesmith.training.errors import TrainingDiverged
 from tunesmith.training.methods import get_method
 from tunesmith.training.methods.base import LossOutput, Method, PreparedData, finish_metrics, term_units
 from tunesmith.training.metrics import MetricsLog, plot_curves, step_metric_means
-from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.optim import make_optimizer, make_scheduler
 from tunesmith.training.precision import (
     accelerate_mixed_precision,
     allow_new_mixed_precision,
@@ -167,7 +167,7 @@ def _train_locked(
     attention = choose_attention(cfg.train.attention, accelerator.device.type)
     loading = start_phase(f"loading model {cfg.model}")
     model, tokenizer, model_dir = load_model_and_tokenizer(
-        cfg.model, trust_remote_code=cfg.trust_remote_code, attention=attention
+        cfg.model, trust_remote_code=cfg.trust_remote_code, attention=attention, adapter=cfg.adapter
     )
     loading.done()
     method = get_method(cfg.method)
@@ -175,7 +175,12 @@ def _train_locked(
         prepared = method.prepare_data(cfg, tokenizer)
     data = prepared.data
     fingerprint = {"config": cfg.model_dump(mode="json"), "data": prepared.fingerprint}
-    model = apply_adapter(model, cfg.adapter)
+    model = apply_adapter(model, cfg.adapter, tokenizer)
+    lean_note = None
+    if cfg.train.lean_activations:
+        from tunesmith.models.lean_layers import apply_lean_layers
+
+        lean_note = apply_lean_layers(model).summary()
     low_precision_base = precision == "bf16" and isinstance(cfg.adapter, LoraAdapter)
     if low_precision_base:  # only the adapter is saved, so the base may live in bf16
         store_frozen_linear_weights(model, torch.bfloat16)
@@ -202,6 +207,8 @@ def _train_locked(
     )
     if no_checkpoint_note:
         trainer.reporter_message(no_checkpoint_note)
+    if lean_note:
+        trainer.reporter_message(lean_note)
     trainer.reporter_message(
         f"model {cfg.model} ({model_dir}); training {trainable:,} of {total:,} parameters "
         f"({cfg.adapter.type}); precision {precision} ({precision_choice.reason})"
@@ -259,8 +266,8 @@ class Trainer(CheckpointingMixin):
         # The optimizer takes the wrapper's parameters: the model's, in the same order as ever (old
         # checkpoints' optimizer states still line up), then any the method adds (a reward head).
         wrapper = method.wrap_model(model, cfg)
-        optimizer = build_optimizer(wrapper.parameters(), t.lr, t.weight_decay)
-        self.scheduler = build_scheduler(optimizer, t.scheduler, t.warmup_ratio, self.total_steps)
+        optimizer = make_optimizer(wrapper, cfg)
+        self.scheduler = make_scheduler(optimizer, t, self.total_steps)
         self.wrapped, self.optimizer = accelerator.prepare(wrapper, optimizer)
         self.reporter = ProgressReporter(
             self.total_steps, 0, enabled=show_progress and accelerator.is_main_process

@@ -89,6 +89,8 @@ def store_frozen_linear_weights(model: nn.Module, dtype: torch.dtype) -> int:
     for module in model.modules():
         if not isinstance(module, nn.Linear) or module.weight.requires_grad:
             continue
+        if not module.weight.is_floating_point():  # a 4/8-bit base (QLoRA) stays as bitsandbytes stores it
+            continue
         if id(module.weight) in tied:
             continue
         module.weight.data = module.weight.data.to(dtype)
