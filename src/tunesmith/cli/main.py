@@ -54,6 +54,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from tunesmith.cli.synth_cmd import add_synth_parser
 
     add_synth_parser(sub)
+    from tunesmith.cli.eval_cmd import add_eval_parser
+
+    add_eval_parser(sub)
     from tunesmith.cli.cache_cmd import add_cache_parser
 
     add_cache_parser(sub)
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": _runs,
         "serve": _serve,
         "synth": _synth,
+        "eval": _eval,
         "cache": _cache,
     }[args.command]
     try:
@@ -205,6 +209,12 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from tunesmith.cli.cache_cmd import run
+
+    return run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tunesmith.cli.eval_cmd import run
 
     return run(args)
 

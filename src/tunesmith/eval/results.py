@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -26,3 +28,35 @@ class TaskResult:
         if self.samples is not None:
             out["samples"] = self.samples
         return out
+
+
+def results_payload(
+    results: list[TaskResult],
+    *,
+    model: str | None = None,
+    other: tuple[str, list[TaskResult]] | None = None,
+    differences: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """What `results.json` holds: `{"results": [...]}`; with a comparison also `"compare"`, holding
+    the other model's `results` and, per task, the `differences` (other - this, with the CI)."""
+    out: dict[str, Any] = {}
+    if model is not None:
+        out["model"] = model
+    out["results"] = [r.to_json() for r in results]
+    if other is not None:
+        out["compare"] = {
+            "model": other[0],
+            "results": [r.to_json() for r in other[1]],
+            "differences": differences or [],
+        }
+    return out
+
+
+def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` as JSON, through a temporary file so a reader never sees half of it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(target)
+    return target

@@ -252,6 +252,7 @@ class Trainer(CheckpointingMixin):
         check_installed(cfg.tracking.backends)  # a missing tracker package stops the run before any work
         t = cfg.train
         self.cfg, self.accelerator, self.method, self.run_dir = cfg, accelerator, method, run_dir
+        self.tokenizer = tokenizer
         self.data_report = prepared.data.report
         self.trackers = Trackers([])
         self.fingerprint = fingerprint
@@ -351,12 +352,17 @@ class Trainer(CheckpointingMixin):
                     metrics.write(row)
                 self.reporter.update(row)
                 at_end = self.state.step == self.total_steps
-                if self.eval_stream and (
+                if (self.eval_stream or self.cfg.eval.tasks) and (
                     (t.eval_every and self.state.step % t.eval_every == 0) or at_end or self._epoch_ended()
                 ):
-                    eval_loss = self.evaluate()
-                    metrics.write({"step": self.state.step, "eval_loss": eval_loss})
-                    self.reporter.message(f"step {self.state.step}: eval loss {eval_loss:.4f}")
+                    eval_row: dict[str, Any] = {"step": self.state.step}
+                    if self.eval_stream:
+                        eval_row["eval_loss"] = self.evaluate()
+                        self.reporter.message(
+                            f"step {self.state.step}: eval loss {eval_row['eval_loss']:.4f}"
+                        )
+                    eval_row.update(self.evaluate_tasks())
+                    metrics.write(eval_row)
                 if (t.save_every and self.state.step % t.save_every == 0) or at_end:
                     self._save()
                 if stop.requested and not at_end:
@@ -566,6 +572,28 @@ class Trainer(CheckpointingMixin):
         return float(torch.stack(grads).norm()) if grads else 0.0
 
     @torch.no_grad()
+    def evaluate_tasks(self) -> dict[str, float]:
+        """`eval.tasks` on the model as it is now, as `eval/<task>/<metric>` (rank 0 scores them alone).
+
+        The tasks see the run's chat template and the same autocast as the training forward."""
+        if not self.cfg.eval.tasks or not self.accelerator.is_main_process:
+            return {}
+        from tunesmith.eval.tasks import run_task
+        from tunesmith.training.run_dir import training_template_on
+
+        model = self.accelerator.unwrap_model(self.wrapped).model
+        stems = [Path(task.path).stem for task in self.cfg.eval.tasks]
+        values: dict[str, float] = {}
+        with training_template_on(self.tokenizer, self.cfg), self._autocast():
+            for task, stem in zip(self.cfg.eval.tasks, stems, strict=True):
+                name = stem if stems.count(stem) == 1 else f"{task.kind}_{stem}"
+                result = run_task(model, self.tokenizer, task, template=self.cfg.data.template)
+                values.update({f"eval/{name}/{metric}": value for metric, value in result.metrics.items()})
+                shown = ", ".join(f"{m} {v:.4f}" for m, v in list(result.metrics.items())[:3])
+                self.reporter.message(f"step {self.state.step}: {task.kind}:{task.path}: {shown}")
+        self.wrapped.train()
+        return values
+
     def evaluate(self) -> float:
         assert self.eval_stream is not None
         self.wrapped.eval()
