@@ -19,7 +19,12 @@ MC = str(REPO / "examples" / "eval" / "mc_science.jsonl")
 
 def _chat_rows(path: Path, count: int) -> Path:
     rows = [
-        {"messages": [{"role": "user", "content": f"Name the number {i}."}, {"role": "assistant", "content": f"{i}"}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"Name the number {i}."},
+                {"role": "assistant", "content": f"{i}"},
+            ]
+        }
         for i in range(count)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

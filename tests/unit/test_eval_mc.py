@@ -246,7 +246,9 @@ def test_prefix_reuse_equals_one_pair_per_row(
     reference = _reference(model, tokenizer, PAIRS)
     for a, b, c in zip(shared, plain, reference, strict=True):
         # sums of ~80 log-probs: float32 reduction order (thread count) moves them by ~1e-7 relative
-        assert a[0] == pytest.approx(c[0], rel=1e-6, abs=1e-5) and b[0] == pytest.approx(c[0], rel=1e-6, abs=1e-5)
+        assert a[0] == pytest.approx(c[0], rel=1e-6, abs=1e-5) and b[0] == pytest.approx(
+            c[0], rel=1e-6, abs=1e-5
+        )
         assert a[1] == b[1] == c[1]
     assert model.config._attn_implementation == "sdpa"  # the kernel switches are undone
 
