@@ -1,4 +1,5 @@
-"""`tunesmith serve MODEL_OR_RUN_DIR [--adapter NAME=RUN_DIR ...]`: the OpenAI-compatible HTTP server.
+"""`tunesmith serve MODEL_OR_RUN_DIR [--adapter NAME=RUN_DIR ...] [--storage DIR]`: the OpenAI-compatible
+HTTP server; with `--storage` also the job service (OpenAI's Files and Fine-tuning APIs).
 
 Parsing and start-up only; the engine, the models and the app live in `tunesmith.serve`.
 """
@@ -48,6 +49,25 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default 1 MiB)"
     )
+    jobs = serve.add_argument_group("job service (fine-tuning over OpenAI's Files and Fine-tuning APIs)")
+    jobs.add_argument(
+        "--storage", metavar="DIR", help="turn the job service on, keeping files, jobs and runs under DIR"
+    )
+    jobs.add_argument("--max-jobs", type=int, default=1, help="jobs that train at the same time (default 1)")
+    jobs.add_argument(
+        "--resume-jobs",
+        action="store_true",
+        help="on start-up, resume jobs the last server left running from their last checkpoint "
+        "(default: mark them failed)",
+    )
+    jobs.add_argument(
+        "--job-defaults",
+        metavar="YAML",
+        help="a partial run config under every job's settings (e.g. data.seq_len, train.max_steps)",
+    )
+    jobs.add_argument(
+        "--max-file-bytes", type=int, default=64 << 20, help="cap on an uploaded file (default 64 MiB)"
+    )
 
 
 def parse_adapters(items: list[str]) -> list[tuple[str, str]]:
@@ -82,7 +102,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from tunesmith.serve.server import serve_forever
     from tunesmith.serve.settings import ServeSettings
 
-    for flag in ("max_batch", "max_tokens", "max_n", "max_body_bytes"):
+    for flag in ("max_batch", "max_tokens", "max_n", "max_body_bytes", "max_jobs", "max_file_bytes"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     _log_requests()
@@ -95,7 +115,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_n=args.max_n,
         max_body_bytes=args.max_body_bytes,
     )
-    app = create_app(engine, models, settings)
+    jobs = _job_service(args, engine, models)
+    app = create_app(engine, models, settings, jobs)
     names = ", ".join(models.served)
     print(
         f"serving {names} at http://{args.host}:{args.port}/v1 (context {models.context_length} tokens)",
@@ -105,11 +126,49 @@ def run_serve(args: argparse.Namespace) -> int:
         print(
             f"warning: {args.host} is reachable from other machines and no --api-key is set", file=sys.stderr
         )
+    if jobs is not None:
+        print(f"job service: storage {jobs.root}, {args.max_jobs} job(s) at a time", flush=True)
     try:
         serve_forever(app, args.host, args.port)
     finally:
+        if jobs is not None:
+            jobs.close()
         engine.close()
     return 0
+
+
+def _job_service(args: argparse.Namespace, engine: Any, models: Any) -> Any:
+    """The job service when --storage is given, started (its earlier jobs' models served again)."""
+    from tunesmith.config.load import ConfigError
+
+    if not args.storage:
+        for flag in ("resume_jobs", "job_defaults"):
+            if getattr(args, flag):
+                raise ConfigError(f"--{flag.replace('_', '-')} needs --storage DIR (the job service)")
+        return None
+    from tunesmith.serve.fine_tuning_api import create_job_service
+
+    defaults: dict[str, Any] = {}
+    if args.job_defaults:
+        import yaml
+
+        try:
+            with open(args.job_defaults, encoding="utf-8") as handle:
+                defaults = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--job-defaults {args.job_defaults}: {exc}") from None
+        if not isinstance(defaults, dict):
+            raise ConfigError(f"--job-defaults {args.job_defaults}: expected a mapping of config sections")
+    service = create_job_service(
+        args.storage,
+        engine,
+        models,
+        max_jobs=args.max_jobs,
+        resume_jobs=args.resume_jobs,
+        defaults=defaults,
+        max_file_bytes=args.max_file_bytes,
+    )
+    return service.start()
 
 
 def _log_requests() -> None:

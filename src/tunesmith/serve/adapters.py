@@ -213,3 +213,81 @@ def _load_adapters(base: Any, adapters: list[_Adapter]) -> Any:
 def _context_length(model: Any) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+def add_adapter(models: ModelSet, engine: Any, name: str, path: str | Path) -> ServedModel:
+    """Serve one more LoRA run (or PEFT directory) under `name` while the server runs.
+
+    The adapter is loaded on the engine's own thread, between two decode steps (see `_on_engine_thread`),
+    so no forward ever sees a half-loaded adapter; the first one also wraps the bare base into a
+    PeftModel, which the engine then decodes through. Requests for `name` are accepted once this returns.
+    """
+    if name in models.served:
+        raise ServeSetupError(f"a model named {name!r} is already served")
+    base_dir = Path(models.served[models.base_name].source)
+    adapter = _adapter_of(name, Path(path).expanduser())
+    _check_same_base(adapter, base_dir)
+    run = enclosing_run(adapter.directory)
+    trust = recorded_trust(run) if run else False
+    base_tokenizer = models.served[models.base_name].tokenizer
+    tokenizer = _run_tokenizer(adapter.directory, run, trust, base_tokenizer)
+    internal = f"a{sum(1 for m in models.served.values() if m.adapter is not None)}"
+    while internal in (getattr(models.model, "peft_config", None) or {}):
+        internal = f"{internal}_"
+
+    def load() -> None:
+        from peft import PeftModel
+
+        from tunesmith.serve.routing import AdapterRouting
+
+        if isinstance(models.model, PeftModel):
+            models.model.load_adapter(adapter.directory, adapter_name=internal)
+        else:
+            models.model = PeftModel.from_pretrained(models.model, adapter.directory, adapter_name=internal)
+        models.model.eval()
+        engine.model = models.model
+        engine.routing = AdapterRouting(models.model, mix=engine.routing.mixed or not engine.routing.adapters)
+
+    _on_engine_thread(engine, load)
+    served = ServedModel(
+        name,
+        internal,
+        tokenizer,
+        reply_stop_ids(models.model, tokenizer),
+        str(adapter.directory),
+        int(time.time()),
+    )
+    models.served[name] = served
+    return served
+
+
+def _on_engine_thread(engine: Any, work: Any, timeout: float = 600.0) -> None:
+    """Run `work()` on the engine thread, where no forward is under way.
+
+    A one-token request is the messenger: the engine calls a request's listener on its own thread,
+    after the request's prefill and before any other forward, which is exactly the quiet moment
+    changing the model needs. Its listener does the work, then lets the request end.
+    """
+    import threading
+
+    from tunesmith.serve.sampling import SamplingParams
+
+    done = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def on_event(event: Any) -> None:
+        if outcome:
+            return
+        try:
+            work()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller, never raised on the engine thread
+            outcome.append(exc)
+        done.set()
+
+    handle = engine.submit([0], SamplingParams(max_tokens=1), on_event)
+    if not done.wait(timeout):
+        handle.cancel()
+        raise ServeSetupError(f"the engine did not take the new adapter within {timeout:.0f} s")
+    if outcome[0] is not None:
+        raise ServeSetupError(f"loading the adapter failed: {outcome[0]}") from outcome[0]

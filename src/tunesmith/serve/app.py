@@ -7,6 +7,7 @@ FastAPI's parameter binding, whose 422 `{"detail": [...]}` answers no OpenAI cli
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
@@ -24,10 +25,16 @@ from tunesmith.serve.middleware import GuardAndLog
 from tunesmith.serve.prepare import served_model
 from tunesmith.serve.settings import ServeSettings
 
+if TYPE_CHECKING:
+    from tunesmith.jobs.service import JobService
+
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine, models: ModelSet, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, models: ModelSet, settings: ServeSettings | None = None, jobs: JobService | None = None
+) -> FastAPI:
+    """`jobs`: the job service, which adds the Files and Fine-tuning APIs (`fine_tuning_api.py`)."""
     settings = settings or ServeSettings()
     app = FastAPI(title="tunesmith", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(GuardAndLog, settings=settings)
@@ -58,6 +65,10 @@ def create_app(engine: Engine, models: ModelSet, settings: ServeSettings | None 
     async def complete(request: Request) -> Response:
         return await completions(request, engine, models, settings)
 
+    if jobs is not None:
+        from tunesmith.serve.fine_tuning_api import add_fine_tuning_routes
+
+        add_fine_tuning_routes(app, jobs, settings)
     return app
 
 
