@@ -594,6 +594,7 @@ class Trainer(CheckpointingMixin):
         self.wrapped.train()
         return values
 
+    @torch.no_grad()
     def evaluate(self) -> float:
         assert self.eval_stream is not None
         self.wrapped.eval()
