@@ -186,6 +186,19 @@ def test_parallel_tokenization_equals_serial(tokenizer, tmp_path, monkeypatch):
     assert [str(i) for i in serial.dropped] == [str(i) for i in parallel.dropped] != []
 
 
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_counted_tokenization_equals_plain_and_counts_every_row(num_proc, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(batch_tokenize, "PARALLEL_MIN_SAMPLES", 0)
+    samples = read_samples(str(_write_rows(tmp_path / "d.jsonl", 60))).samples
+    settings = TokenizeSettings(seq_len=24, mask_history=True)
+    plain = tokenize_all(samples, tokenizer, tokenizer.chat_template, settings, num_proc=num_proc)
+    counts: list[int] = []
+    counted = tokenize_all(samples, tokenizer, tokenizer.chat_template, settings, num_proc, counts.append)
+    assert _same(plain.block.to_samples(), counted.block.to_samples())
+    assert [str(i) for i in plain.dropped] == [str(i) for i in counted.dropped]
+    assert sum(counts) == 60 and len(counts) > 1
+
+
 def test_token_block_round_trip(tokenizer, tmp_path):
     data = _write_rows(tmp_path / "d.jsonl", 7)
     samples = read_samples(str(data)).samples

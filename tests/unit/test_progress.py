@@ -59,3 +59,29 @@ def test_messages_are_printed_as_written_not_as_markup(monkeypatch):
     reporter.message("Batch rows: data[0].jsonl:3 [bold]x[/]")
     reporter.close()
     assert "Batch rows: data[0].jsonl:3 [bold]x[/]" in terminal.getvalue()
+
+
+def test_phase_steps_end_each_step_when_the_next_begins(monkeypatch):
+    monkeypatch.setattr(progress, "PLAIN_START_AFTER_S", 0.0)
+    out = io.StringIO()
+    steps = progress.PhaseSteps(stream=out)
+    steps("loading run")
+    time.sleep(0.05)
+    steps("writing out.gguf")
+    time.sleep(0.05)
+    steps.finish()
+    lines = out.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines if ": done in " in line] == [
+        "loading run",
+        "writing out.gguf",
+    ]
+    first_done = next(i for i, line in enumerate(lines) if line.startswith("loading run: done in "))
+    assert first_done < lines.index("writing out.gguf ...")
+
+
+def test_a_failed_step_prints_no_done_line():
+    out = io.StringIO()
+    steps = progress.PhaseSteps(stream=out)
+    steps("loading run")
+    steps.finish(failed=True)
+    assert "done" not in out.getvalue()

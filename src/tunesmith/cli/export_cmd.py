@@ -41,18 +41,16 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     return export
 
 
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
 def run_export(args: argparse.Namespace) -> int:
     from tunesmith.export.gguf_arch import UnsupportedModel
     from tunesmith.export.gguf_lora import UnsupportedAdapter, check_adapter_type
     from tunesmith.export.gguf_tokenizer import UnsupportedTokenizer
     from tunesmith.export.gguf_writer import UnsupportedGGUFType, check_type
     from tunesmith.export.merge import NeedsMerge, export
+    from tunesmith.training.progress import PhaseSteps
     from tunesmith.training.run_dir import read_run_info
 
+    steps = PhaseSteps()
     run_dir, out = Path(args.run_dir), Path(args.out)
     try:
         if args.adapter_only and args.merge:
@@ -77,8 +75,9 @@ def run_export(args: argparse.Namespace) -> int:
             gguf_type=args.gguf,
             verify=not args.no_verify,
             adapter_only=args.adapter_only,
-            say=_say,
+            say=steps,
         )
+        steps.finish()
     except (
         UnsupportedGGUFType,
         UnsupportedModel,
@@ -86,8 +85,12 @@ def run_export(args: argparse.Namespace) -> int:
         NeedsMerge,
         UnsupportedAdapter,
     ) as exc:
+        steps.finish(failed=True)
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR
+    except BaseException:
+        steps.finish(failed=True)
+        raise
     print(f"exported to {result.path}")
     if result.check is None:
         for note in result.notes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +62,22 @@ def tokenize_all(
     template: str | None,
     settings: TokenizeSettings,
     num_proc: int | None = None,
+    advance: Callable[[int], None] | None = None,
 ) -> TokenizeResult:
-    """All samples tokenized; in `num_proc` processes when there are enough of them."""
+    """All samples tokenized; in `num_proc` processes when there are enough of them.
+
+    `advance(n)` hears of every `n` samples done (a progress display)."""
     procs = min(num_proc or default_num_proc(), max(1, len(samples) // 2))
     if procs <= 1 or len(samples) < PARALLEL_MIN_SAMPLES:
-        return tokenize_chunk(samples, tokenizer, template, settings)
+        if advance is None:
+            return tokenize_chunk(samples, tokenizer, template, settings)
+        step = max(1, len(samples) // 50)
+        pieces = []
+        for start in range(0, len(samples), step):
+            chunk = samples[start : start + step]
+            pieces.append(tokenize_chunk(chunk, tokenizer, template, settings))
+            advance(len(chunk))
+        return merge(pieces)
     import multiprocessing
 
     chunks = procs * CHUNKS_PER_PROCESS
@@ -75,7 +86,11 @@ def tokenize_all(
     # fork shares the samples and tokenizer with the workers for free; elsewhere they are pickled.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with context.Pool(procs, _init_worker, (samples, tokenizer, template, settings)) as pool:
-        parts = pool.map(_work, bounds, chunksize=1)
+        parts = []
+        for (start, end), part in zip(bounds, pool.imap(_work, bounds, chunksize=1), strict=True):
+            parts.append(part)
+            if advance is not None:
+                advance(end - start)
     return merge(parts)
 
 

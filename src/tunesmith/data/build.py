@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from tunesmith.config.schema import DataConfig, DataSource
@@ -23,6 +24,9 @@ from tunesmith.data.errors import DataError, RowIssue
 from tunesmith.data.tokenize import TokenizedSample
 
 T = TypeVar("T")
+
+SHOW_TOKENIZING_FROM_ROWS = 2000
+"""Sources with fewer rows tokenize in a moment: no progress line of their own."""
 Pool = list[tuple[int, TokenizedSample]]
 """Samples of several sources, each with the index of its source."""
 
@@ -213,10 +217,16 @@ def _read_and_tokenize(
     settings: TokenizeSettings,
 ) -> CachedSource:
     from tunesmith.data.validate import BadRowError, read_samples
+    from tunesmith.training.progress import phase
 
     result = read_samples(source.path, source.format, on_error=cfg.on_error, label=label)
     _check_method(result.samples, settings.method)
-    done = tokenize_all(result.samples, tokenizer, template, settings, cfg.num_proc)
+    if len(result.samples) < SHOW_TOKENIZING_FROM_ROWS:
+        done = tokenize_all(result.samples, tokenizer, template, settings, cfg.num_proc)
+    else:
+        rows = len(result.samples)
+        with phase(f"tokenizing {Path(source.path).name} ({rows:,} rows)", total=rows) as shown:
+            done = tokenize_all(result.samples, tokenizer, template, settings, cfg.num_proc, shown.advance)
     if done.failed and cfg.on_error == "raise":
         raise BadRowError(done.failed[0])
     return CachedSource(

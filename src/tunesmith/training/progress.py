@@ -222,6 +222,24 @@ def start_phase(text: str, total: int | None = None, stream: TextIO | None = Non
     return Phase(text, total, stream)
 
 
+class PhaseSteps:
+    """Phases named one after another by a `say(text)` callback (export's steps): each new step ends the
+    one before it, so a function that only reports lines still shows spinners and elapsed times."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._current: Phase | None = None
+
+    def __call__(self, text: str) -> None:
+        self.finish()
+        self._current = start_phase(text, stream=self._stream)
+
+    def finish(self, failed: bool = False) -> None:
+        if self._current is not None:
+            self._current.done(failed=failed)
+            self._current = None
+
+
 @contextlib.contextmanager
 def phase(text: str, total: int | None = None, stream: TextIO | None = None) -> Iterator[PhaseHandle]:
     """A long phase shown while it runs: a spinner (or a bar, given `total`) in a terminal, plain lines elsewhere.
