@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup-browser.sh  # Debian's chromium for the web UI's browser test
 .venv/bin/ruff check src tests $([ -d bench ] && echo bench)
 exec .venv/bin/python -m pytest -m "slow or not slow" -q "$@"

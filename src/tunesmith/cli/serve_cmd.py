@@ -14,10 +14,31 @@ from typing import Any
 
 from tunesmith.serve.server import DEFAULT_HOST
 
+DEFAULT_UI_STORAGE = "./tunesmith-data"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 def add_serve_parser(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve a model and LoRA adapters over an OpenAI-compatible HTTP API")
     serve.add_argument("model", help="a run directory, a model directory, a .gguf file, or 'default'")
+    _add_serve_options(serve, storage_default=None)
+
+
+def add_ui_parser(sub: Any) -> None:
+    ui = sub.add_parser(
+        "ui", help="the web UI: `serve` with the job service on and the page opened in a browser"
+    )
+    ui.add_argument(
+        "model",
+        nargs="?",
+        default="default",
+        help="the base jobs fine-tune and the server serves (default: 'default', the embedded model)",
+    )
+    _add_serve_options(ui, storage_default=DEFAULT_UI_STORAGE)
+    ui.add_argument("--no-browser", action="store_true", help="do not open a browser at the page")
+
+
+def _add_serve_options(serve: Any, storage_default: str | None) -> None:
     serve.add_argument(
         "--adapter",
         action="append",
@@ -51,7 +72,11 @@ def add_serve_parser(sub: Any) -> None:
     )
     jobs = serve.add_argument_group("job service (fine-tuning over OpenAI's Files and Fine-tuning APIs)")
     jobs.add_argument(
-        "--storage", metavar="DIR", help="turn the job service on, keeping files, jobs and runs under DIR"
+        "--storage",
+        metavar="DIR",
+        default=storage_default,
+        help="turn the job service on (and the web UI at /ui), keeping files, jobs and runs under DIR"
+        + (f" (default {storage_default})" if storage_default else ""),
     )
     jobs.add_argument("--max-jobs", type=int, default=1, help="jobs that train at the same time (default 1)")
     jobs.add_argument(
@@ -82,6 +107,52 @@ def parse_adapters(items: list[str]) -> list[tuple[str, str]]:
             )
         pairs.append((name, path))
     return pairs
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    """`serve` with storage, bound to this machine unless an API key guards it, and a browser opened."""
+    from tunesmith.config.load import ConfigError
+
+    if not args.api_key and args.host not in LOCAL_HOSTS:
+        raise ConfigError(
+            f"--host {args.host}: the UI without an API key binds to 127.0.0.1 only; "
+            "set --api-key (or $TUNESMITH_API_KEY) to open it to other machines"
+        )
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/ui"
+    if args.no_browser or not _has_display():
+        print(f"web UI: {url}", flush=True)
+    else:
+        _open_when_up(url)
+    return run_serve(args)
+
+
+def _has_display() -> bool:
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _open_when_up(url: str) -> None:
+    """Open the page once the server answers (model loading can take a while)."""
+    import threading
+    import time
+    import urllib.request
+    import webbrowser
+
+    def wait_and_open() -> None:
+        health = url.removesuffix("/ui") + "/health"
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(health, timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            return
+        print(f"web UI: {url} (opening a browser)", flush=True)
+        webbrowser.open(url)
+
+    threading.Thread(target=wait_and_open, name="tunesmith-open-browser", daemon=True).start()
 
 
 def run_serve(args: argparse.Namespace) -> int:

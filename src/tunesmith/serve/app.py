@@ -7,6 +7,7 @@ FastAPI's parameter binding, whose 422 `{"detail": [...]}` answers no OpenAI cli
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
@@ -36,6 +37,10 @@ def create_app(
 ) -> FastAPI:
     """`jobs`: the job service, which adds the Files and Fine-tuning APIs (`fine_tuning_api.py`)."""
     settings = settings or ServeSettings()
+    if jobs is not None:
+        from tunesmith.serve.ui_api import UI_OPEN_ROUTES
+
+        settings = replace(settings, open_routes=settings.open_routes | UI_OPEN_ROUTES)
     app = FastAPI(title="tunesmith", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(GuardAndLog, settings=settings)
     _add_error_handlers(app)
@@ -69,6 +74,9 @@ def create_app(
         from tunesmith.serve.fine_tuning_api import add_fine_tuning_routes
 
         add_fine_tuning_routes(app, jobs, settings)
+        from tunesmith.serve.ui_api import add_ui_routes
+
+        add_ui_routes(app, jobs, models, settings)
     return app
 
 
