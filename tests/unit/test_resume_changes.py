@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -116,3 +117,27 @@ def test_resume_without_checkpoint_starts_cleanly_and_says_so(streaming, tiny_mo
     assert "no checkpoint" in capsys.readouterr().out
     assert [r["step"] for r in _logged(out)] == list(range(1, 7))  # the stale row is gone, no duplicates
     assert (out / "run.json").is_file()
+
+
+def _run_config(grad_accum: int) -> Any:
+    from tunesmith.config.load import load_config
+
+    return load_config({"data": {"train": [{"path": "x.jsonl"}]}, "train": {"grad_accum": grad_accum}})
+
+
+def test_a_resume_on_more_processes_may_lower_grad_accum_to_keep_the_step():
+    from tunesmith.training.resume_policy import compare_configs
+
+    saved = _run_config(4).model_dump(mode="json")
+    changes = compare_configs(saved, _run_config(2), saved_processes=1, processes=2)
+    assert changes.applied == [("train.grad_accum x processes", "4 x 1", "2 x 2")]
+    assert compare_configs(saved, _run_config(4), saved_processes=1, processes=1).applied == []
+
+
+@pytest.mark.parametrize(("accum", "processes"), [(4, 2), (2, 1), (1, 3)])
+def test_a_resume_that_changes_the_micro_batches_per_step_is_refused(accum, processes):
+    from tunesmith.training.resume_policy import compare_configs
+
+    saved = _run_config(4).model_dump(mode="json")
+    with pytest.raises(ResumeMismatch, match=r"took 4 micro-batches per step .* would take"):
+        compare_configs(saved, _run_config(accum), saved_processes=1, processes=processes)

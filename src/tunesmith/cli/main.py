@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 output.dir=/tmp/run"
     )
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train with N processes on this machine (data parallel; one GPU each where there are GPUs)",
+    )
 
     chat = sub.add_parser("chat", help="chat with a model or a finished run")
     chat.add_argument("model", help="a run directory, a model directory, a .gguf file, or 'default'")
@@ -48,9 +56,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from tunesmith.cli.runs_cmd import add_runs_parser
 
     add_runs_parser(sub)
-    from tunesmith.cli.serve_cmd import add_serve_parser
+    from tunesmith.cli.serve_cmd import add_serve_parser, add_ui_parser
 
     add_serve_parser(sub)
+    add_ui_parser(sub)
     from tunesmith.cli.synth_cmd import add_synth_parser
 
     add_synth_parser(sub)
@@ -60,6 +69,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from tunesmith.cli.cache_cmd import add_cache_parser
 
     add_cache_parser(sub)
+    from tunesmith.cli.estimate_cmd import add_estimate_parser
+
+    add_estimate_parser(sub)
     return parser
 
 
@@ -68,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if (
         extra
-        and args.command in ("train", "data")
+        and args.command in ("train", "data", "estimate")
         and all("=" in item and not item.startswith("-") for item in extra)
     ):
         args.overrides = list(args.overrides) + extra  # overrides may follow flags: train cfg --resume k=v
@@ -89,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         "score": _score,
         "runs": _runs,
         "serve": _serve,
+        "ui": _ui,
         "synth": _synth,
         "eval": _eval,
         "cache": _cache,
+        "estimate": _estimate,
     }[args.command]
     try:
         return handler(args)
@@ -136,7 +150,27 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     _check_attention(cfg)
-    result = train(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        _print_estimate(cfg)
+    if args.processes != 1:
+        from tunesmith.config.load import ConfigError
+        from tunesmith.training.launch import RankFailed, check_processes, launch_train
+
+        try:
+            check_processes(args.processes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            result = launch_train(cfg, args.processes)
+        except RankFailed as exc:
+            if args.verbose:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    else:
+        result = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch only rank 0 reports
+        return 0
     if result.interrupted:
         # The run's own config.yaml holds every override; the user's YAML alone would resume another run.
         print(f"stopped at step {result.steps}; resume with: {resume_command(result.run_dir)}")
@@ -195,10 +229,32 @@ def _runs(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _print_estimate(cfg: RunConfig) -> None:
+    """The memory estimate as a run's first line, and a warning when free memory is below it.
+
+    It informs and never stops a run: a model whose shape cannot be read here only loses the line."""
+    from tunesmith.training.estimate import estimate_summary_line, memory_warning
+
+    try:
+        line, warning = estimate_summary_line(cfg), memory_warning(cfg)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).debug("no estimate: %s", exc)
+        return
+    print(line, flush=True)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from tunesmith.cli.serve_cmd import run_serve
 
     return run_serve(args)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from tunesmith.cli.serve_cmd import run_ui
+
+    return run_ui(args)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -209,6 +265,12 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from tunesmith.cli.cache_cmd import run
+
+    return run(args)
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from tunesmith.cli.estimate_cmd import run
 
     return run(args)
 

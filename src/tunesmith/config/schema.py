@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PositiveFloat,
     PositiveInt,
@@ -19,12 +17,11 @@ from pydantic import (
     model_validator,
 )
 
+from tunesmith.config.distributed import DistributedConfig
+from tunesmith.config.section import Section
+
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 LoraInit = Literal["default", "gaussian", "pissa", "olora"]
@@ -331,6 +328,11 @@ class TrainConfig(Section):
     )
     loss_chunk_size: PositiveInt = Field(
         default=1024, description="labelled tokens per chunk of the LM head + CE"
+    )
+    neftune_alpha: PositiveFloat | None = Field(
+        default=None,
+        description="NEFTune: uniform noise of size alpha/sqrt(L*d) on the input embeddings while training "
+        "(L: each sample's real length, d: hidden size; the paper uses 5-15); None: off. Never in eval",
     )
 
 
@@ -640,6 +642,7 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="before")
     @classmethod

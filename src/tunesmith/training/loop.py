@@ -124,43 +124,61 @@ def _is_launch_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a barrier too: the others wait until rank 0 has it)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _train_locked(
     cfg: RunConfig, run_dir: Path, show_progress: bool, stop_after_step: int | None
 ) -> TrainResult:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
     from tunesmith.models.adapters import apply_adapter, compile_decoder_layers, count_parameters
     from tunesmith.models.attention import choose_attention
     from tunesmith.models.load import load_model_and_tokenizer
+    from tunesmith.training.distributed import accelerator_plugins
     from tunesmith.training.progress import phase, start_phase
 
-    candidates = resume_candidates(run_dir, cfg.train.resume)
-    prepare_run_dir(
-        run_dir,
-        resuming=bool(candidates),
-        overwrite=cfg.output.overwrite,
-        resume_requested=cfg.train.resume == "auto",
-    )
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # `distributed:` (DDP when absent) is checked before anything is written.
+    plugins = accelerator_plugins(cfg.distributed, device_type, cfg.train.max_grad_norm)
+    # The process group comes first (a no-op for one process): rank 0 alone prepares the run
+    # directory and measures the precision, and the other ranks follow what it found. On a machine
+    # without a GPU every rank needs cpu=True, or accelerate leaves each rank training its own copy.
+    processes = PartialState(cpu=device_type == "cpu")
+    if processes.is_main_process:
+        candidates = resume_candidates(run_dir, cfg.train.resume)
+        prepare_run_dir(
+            run_dir,
+            resuming=bool(candidates),
+            overwrite=cfg.output.overwrite,
+            resume_requested=cfg.train.resume == "auto",
+        )
+        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+        from tunesmith.training.run_dir import mark_running
+
+        mark_running(run_dir)
+        precision_choice = choose_precision(cfg.train.precision, device_type)
+    if processes.num_processes > 1:
+        precision_choice = _from_rank_zero(precision_choice if processes.is_main_process else None)
+        candidates = resume_candidates(run_dir, cfg.train.resume)  # after rank 0 prepared the directory
     no_checkpoint_note = (
         f"resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0"
         if cfg.train.resume == "auto" and not candidates
         else None
     )
-    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-    if _is_launch_rank_zero():
-        from tunesmith.training.run_dir import mark_running
-
-        mark_running(run_dir)
-
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision_choice = choose_precision(cfg.train.precision, device_type)
     precision = precision_choice.precision
     # fp16 needs loss scaling, which the loop does itself (GradScaler works on CPU and GPU alike;
     # accelerate has none on CPU), so accelerate runs it as full precision.
     mixed_precision = "no" if precision == "fp16" else accelerate_mixed_precision(precision)
     allow_new_mixed_precision(mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device_type == "cpu")
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device_type == "cpu", **plugins)
     if accelerator.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slowed CPU steps up to 5.5x as weights drifted small
     set_seed(cfg.train.seed)
@@ -174,7 +192,13 @@ def _train_locked(
     with phase("preparing data"):
         prepared = method.prepare_data(cfg, tokenizer)
     data = prepared.data
-    fingerprint = {"config": cfg.model_dump(mode="json"), "data": prepared.fingerprint}
+    # `processes`: a step's micro-batches are grad_accum x processes, which resume across process
+    # counts needs to compare.
+    fingerprint = {
+        "config": cfg.model_dump(mode="json"),
+        "data": prepared.fingerprint,
+        "processes": processes.num_processes,
+    }
     model = apply_adapter(model, cfg.adapter, tokenizer)
     lean_note = None
     if cfg.train.lean_activations:
@@ -190,6 +214,10 @@ def _train_locked(
         enable_activation_checkpointing(model)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if cfg.train.neftune_alpha is not None:
+        from tunesmith.training.neftune import attach_neftune
+
+        attach_neftune(model, cfg.train.neftune_alpha)
     trainable, total = count_parameters(model)
 
     trainer = Trainer(
@@ -274,27 +302,34 @@ class Trainer(CheckpointingMixin):
             self.total_steps, 0, enabled=show_progress and accelerator.is_main_process
         )
         self.state = TrainerState(0, 0, 0, 0, {})
+        self.stop: StopRequested | None = None  # Ctrl-C of this process
+        self.stop_agreed = False  # several processes: whether any was asked to stop, as of the last step
+        self._non_finite_rows: list[str] = []
         self.last_saved_step: int | None = None
 
     # -- which micro-batches each step takes: an epoch ends where its data ends --------------------
+    # Positions count micro-batches of the whole run, all processes together: a step from position
+    # p takes p, p+1, ... and rank r gets p+r, p+r+world, ... So N processes x grad_accum a see the
+    # micro-batches of one process x grad_accum N*a, and a checkpoint's position means the same
+    # whatever the number of processes.
 
-    def _epoch_end(self, local_index: int) -> int | None:
-        """The first local micro-batch index after the epoch that `local_index` falls in (None: no epochs)."""
-        per_epoch, world = self.stream.per_epoch, self.accelerator.num_processes
+    def _epoch_end(self, index: int) -> int | None:
+        """The first micro-batch position after the epoch that `index` falls in (None: no epochs)."""
+        per_epoch = self.stream.per_epoch
         if per_epoch is None:
             return None
-        epoch = local_index * world // per_epoch
-        return -(-(epoch + 1) * per_epoch // world)
+        return (index // per_epoch + 1) * per_epoch
 
     def _total_micro_batches(self) -> int | None:
         t = self.cfg.train
         if t.max_steps or self.stream.per_epoch is None:
             return None
-        return max(1, math.ceil(t.epochs * self.stream.per_epoch / self.accelerator.num_processes))
+        return max(1, math.ceil(t.epochs * self.stream.per_epoch))
 
     def _micro_count(self, start: int) -> int:
-        """Micro-batches step by step from `start`: grad_accum, fewer where an epoch or the run ends."""
-        count = self.cfg.train.grad_accum
+        """Micro-batches (all processes) step by step from `start`: grad_accum x processes, fewer
+        where an epoch or the run ends."""
+        count = self.cfg.train.grad_accum * self.accelerator.num_processes
         end = self._epoch_end(start)
         if end is not None:
             count = min(count, end - start)
@@ -333,7 +368,11 @@ class Trainer(CheckpointingMixin):
         self.trackers = open_trackers(self.cfg, self.run_dir, resume_step, main, self.data_report)
         for line in self.trackers.where():
             self.reporter.message(f"tracking to {line}")
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step, sinks=[self.trackers.log_row])
+        metrics: MetricsLog | _NoMetrics = (
+            MetricsLog(self.run_dir / "metrics.jsonl", resume_step, sinks=[self.trackers.log_row])
+            if main
+            else _NoMetrics()
+        )
         t = self.cfg.train
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         losses: list[float] = []
@@ -341,10 +380,11 @@ class Trainer(CheckpointingMixin):
         self.wrapped.train()
         with StopRequested() as stop:
             while self.state.step < self.total_steps:
+                self.stop = stop
                 row = self._train_step()
                 losses.append(row["loss"])
                 if stop_after_step is not None and self.state.step >= stop_after_step:
-                    stop.requested = True
+                    stop.requested = self.stop_agreed = True
                 elapsed = time.perf_counter() - started
                 row["tokens_per_s"] = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                 row["elapsed_s"] = round(elapsed, 3)
@@ -365,7 +405,10 @@ class Trainer(CheckpointingMixin):
                     metrics.write(eval_row)
                 if (t.save_every and self.state.step % t.save_every == 0) or at_end:
                     self._save()
-                if stop.requested and not at_end:
+                # Several processes act on the flag they agreed on in the step, never on their own: a
+                # Ctrl-C arriving after that agreement waits for the next step on every rank alike.
+                stopping = stop.requested if self.accelerator.num_processes == 1 else self.stop_agreed
+                if stopping and not at_end:
                     path = self._save()
                     self.reporter.message(
                         f"stopped at step {self.state.step}; checkpoint {path}; "
@@ -384,22 +427,53 @@ class Trainer(CheckpointingMixin):
         done = self.state.micro_batches_done
         return self._epoch_end(done - 1) == done
 
-    def _train_step(self) -> dict[str, Any]:
-        t = self.cfg.train
-        first = self.state.micro_batches_done
+    def _step_micro_batches(self, first: int, count: int) -> tuple[list[MicroBatch], int]:
+        """This rank's micro-batches of the step at position `first` covering `count` positions, and
+        how many of them are real. Where the step's positions do not divide evenly among the ranks
+        (an epoch's or the run's end), a rank fills up with copies of a real micro-batch that the
+        loop weighs 0: every rank then runs the same number of backward passes, as DDP requires."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_rank = -(-count // world)
+        positions = [first + i * world + rank for i in range(per_rank)]
+        real = [p for p in positions if p < first + count]
+        micro = [self.stream.micro_batch(p) for p in real]
+        if len(real) < per_rank:
+            filler = micro[0] if micro else self.stream.micro_batch(first)
+            micro += [filler] * (per_rank - len(real))
+        return micro, len(real)
+
+    def _train_step(self) -> dict[str, Any]:
+        t, stop = self.cfg.train, self.stop
+        first = self.state.micro_batches_done
+        world = self.accelerator.num_processes
         count = self._micro_count(first)
-        micro = [self.stream.micro_batch((first + i) * world + rank) for i in range(count)]
-        step_units, step_terms = self._step_units(micro)
+        micro, real = self._step_micro_batches(first, count)
+        step_units, step_terms = self._step_units(micro[:real])
         scale = world / max(step_units, 1)
         term_scales = {name: world / max(n, 1) for name, n in step_terms.items()}
         loss_total = 0.0
         metric_sums: dict[str, float] = {}
         metric_counts: dict[str, float] = {}
+        self._non_finite_rows = []
         for i, mb in enumerate(micro):
+            weight = 1.0 if i < real else 0.0
             loss_total += self._backward(
-                mb, scale, term_scales, metric_sums, metric_counts, sync=i == len(micro) - 1
+                mb,
+                scale * weight,
+                {name: value * weight for name, value in term_scales.items()},
+                metric_sums if weight else {},
+                metric_counts if weight else {},
+                sync=i == len(micro) - 1,
             )
+        real_tokens = sum(mb.real_tokens for mb in micro[:real])
+        trained_tokens = sum(mb.trained_tokens for mb in micro[:real])
+        if world > 1:
+            loss, real_tokens, trained_tokens, stop_any = self._reduce_step(
+                loss_total / world, real_tokens, trained_tokens, stop
+            )
+            self.stop_agreed = stop_any
+        else:
+            loss = loss_total / world
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer.optimizer)  # norms and clipping see the true gradients
         grad_norm = self._clip(t.max_grad_norm)
@@ -415,7 +489,7 @@ class Trainer(CheckpointingMixin):
             )
         else:
             self.consecutive_overflows = 0
-            self._check_not_collapsed(grad_norm, loss_total / self.accelerator.num_processes, step_units)
+            self._check_not_collapsed(grad_norm, loss, step_units)
         if self.scaler is not None:
             self.scaler.step(self.optimizer.optimizer)  # skips the update when gradients overflowed
             self.scaler.update()
@@ -425,15 +499,15 @@ class Trainer(CheckpointingMixin):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.state.micro_batches_done += len(micro)
-        self.state.tokens_seen += sum(mb.real_tokens for mb in micro)
-        self.state.trained_tokens_seen += sum(mb.trained_tokens for mb in micro)
+        self.state.micro_batches_done += count
+        self.state.tokens_seen += real_tokens
+        self.state.trained_tokens_seen += trained_tokens
         return {
             "step": self.state.step,
             "epoch": None
             if self.stream.per_epoch is None
-            else round(self.state.micro_batches_done * world / len(self.stream), 4),
-            "loss": loss_total / self.accelerator.num_processes,
+            else round(self.state.micro_batches_done / len(self.stream), 4),
+            "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "tokens": self.state.tokens_seen,
@@ -446,6 +520,32 @@ class Trainer(CheckpointingMixin):
                 else {}
             ),
         }
+
+    def _reduce_step(
+        self, loss: float, real_tokens: int, trained_tokens: int, stop: StopRequested | None
+    ) -> tuple[float, int, int, bool]:
+        """The step's loss and token counts over all processes, and whether any process was asked to
+        stop or saw a non-finite loss (then every process raises at the same step, not one alone)."""
+        local_stop = bool(stop is not None and stop.requested)
+        bad = len(self._non_finite_rows)
+        totals = self._global_sums_float(
+            [loss, float(real_tokens), float(trained_tokens), float(local_stop), float(bad)]
+        )
+        if totals[4]:
+            rows = ", ".join(self._non_finite_rows[:8]) or "on another process"
+            raise TrainingDiverged(
+                f"step {self.state.step + 1}: loss is not finite on {int(totals[4])} micro-batch(es); no "
+                f"checkpoint was written for it. Batch rows: {rows}. Check these rows, or: "
+                f"{self._last_good_hint()}"
+            )
+        return totals[0], int(totals[1]), int(totals[2]), bool(totals[3])
+
+    def _save(self) -> Path | None:
+        """Rank 0 writes the checkpoint; the others wait until it is committed (one process: as ever)."""
+        path = super()._save()
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+        return path
 
     def _fp16_overflow(self, grad_norm: float) -> bool:
         """An fp16 overflow: the scaler skips this update and halves its scale; many in a row stop the run."""
@@ -544,18 +644,26 @@ class Trainer(CheckpointingMixin):
             if self.cfg.train.activation_offload and self.accelerator.device.type == "cuda"
             else contextlib.nullcontext()
         )
+        world = self.accelerator.num_processes
         with sync_context, offload, self._autocast():
             out = self.method.compute_loss(self.wrapped, batch)
             loss = self._scaled_loss(out, scale, term_scales)
+            if world > 1 and (scale == 0 or mb.units == 0):
+                # DDP's reducer wants a gradient for every trainable parameter from each process: a
+                # micro-batch that trains nothing still reaches all of them, with zeros.
+                loss = loss + sum(p.sum() for p in self.wrapped.parameters() if p.requires_grad) * 0.0
         for name, value in out.metrics.items():
             metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
         for name, value in out.metric_counts.items():
             metric_counts[name] = metric_counts.get(name, 0.0) + float(value)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"step {self.state.step + 1}: loss is {loss.item()}; no checkpoint was written for it. "
-                f"Batch rows: {', '.join(mb.sources[:8])}. Check these rows, or: {self._last_good_hint()}"
-            )
+            if world > 1:  # decided with the other processes after the step (_reduce_step)
+                self._non_finite_rows.extend(mb.sources[:8])
+            else:
+                raise TrainingDiverged(
+                    f"step {self.state.step + 1}: loss is {loss.item()}; no checkpoint was written for it. "
+                    f"Batch rows: {', '.join(mb.sources[:8])}. Check these rows, or: {self._last_good_hint()}"
+                )
         self.accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
         return float(loss.detach())
 
@@ -601,7 +709,8 @@ class Trainer(CheckpointingMixin):
         total, count = 0.0, 0
         term_sums: dict[str, float] = {}
         term_counts: dict[str, int] = {}
-        for index in range(len(self.eval_stream)):
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        for index in range(rank, len(self.eval_stream), world):  # each process its share; summed below
             mb = self.eval_stream.micro_batch(index)
             batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
             with self._autocast():
@@ -633,6 +742,13 @@ class Trainer(CheckpointingMixin):
             return [float(v) for v in values]
         tensor = torch.tensor(values, device=self.accelerator.device, dtype=torch.float64)
         return [float(v) for v in self.accelerator.reduce(tensor, reduction="sum").tolist()]
+
+
+class _NoMetrics:
+    """What ranks other than 0 log to: only rank 0 writes metrics.jsonl and feeds the trackers."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        return None
 
 
 def enable_activation_checkpointing(model: Any) -> None:

@@ -92,11 +92,25 @@ def _show(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def compare_configs(saved: dict[str, Any], current: RunConfig) -> ResumeChanges:
-    """Classify every changed key; raise ResumeMismatch naming the keys a resume cannot change."""
+def compare_configs(
+    saved: dict[str, Any],
+    current: RunConfig,
+    saved_processes: int | None = None,
+    processes: int = 1,
+) -> ResumeChanges:
+    """Classify every changed key; raise ResumeMismatch naming the keys a resume cannot change.
+
+    A step takes `grad_accum x processes` micro-batches, so a resume on another number of processes
+    is exact when that product stays the same (`train.grad_accum` may change to keep it), and refused
+    when it would not."""
     before, now = flatten(saved), flatten(current.model_dump(mode="json"))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    per_step = _micro_batches_per_step(before, now, saved_processes or 1, processes)
+    if per_step is not None:
+        changed = [k for k in changed if k != "train.grad_accum"]
     applied = [(k, before.get(k), now.get(k)) for k in changed if _matches(k, APPLIED_ON_RESUME)]
+    if per_step:
+        applied.append(("train.grad_accum x processes", *per_step))
     ignored = [(k, before.get(k), now.get(k)) for k in changed if _matches(k, NO_EFFECT_ON_NUMBERS)]
     refused = [
         k for k in changed if not _matches(k, APPLIED_ON_RESUME) and not _matches(k, NO_EFFECT_ON_NUMBERS)
@@ -111,6 +125,25 @@ def compare_configs(saved: dict[str, Any], current: RunConfig) -> ResumeChanges:
             f"A resume may change: {', '.join(APPLIED_ON_RESUME)}."
         )
     return ResumeChanges(applied, ignored)
+
+
+def _micro_batches_per_step(
+    before: dict[str, Any], now: dict[str, Any], saved_processes: int, processes: int
+) -> tuple[str, str] | None:
+    """None when the processes and accumulation did not change; the (before, now) layout when they
+    changed and keep the micro-batches per step; ResumeMismatch when they change them."""
+    accum_before, accum_now = before.get("train.grad_accum", 1), now.get("train.grad_accum", 1)
+    if saved_processes == processes and accum_before == accum_now:
+        return None
+    if accum_before * saved_processes != accum_now * processes:
+        raise ResumeMismatch(
+            f"cannot resume: the checkpoint took {accum_before * saved_processes} micro-batches per step "
+            f"(train.grad_accum {accum_before} x {saved_processes} processes), this run would take "
+            f"{accum_now * processes} (train.grad_accum {accum_now} x {processes} processes). Keep the "
+            "product: set train.grad_accum so that grad_accum x processes is "
+            f"{accum_before * saved_processes}, or start a new run"
+        )
+    return f"{accum_before} x {saved_processes}", f"{accum_now} x {processes}"
 
 
 def samples_fingerprint(samples: Sequence[TokenizedSample]) -> str:

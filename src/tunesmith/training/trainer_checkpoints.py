@@ -95,7 +95,9 @@ class CheckpointingMixin:
                 "resume: this checkpoint has no fingerprint; the config could not be compared"
             )
             return
-        changes = compare_configs(saved["config"], self.cfg)
+        changes = compare_configs(
+            saved["config"], self.cfg, saved.get("processes"), self.accelerator.num_processes
+        )
         check_data(saved, self.fingerprint["data"])
         if changes.applied:
             self.reporter.message(f"resume: applying changed settings: {changes.describe()}")
