@@ -285,6 +285,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "steps": len(ok[0]["steps"]),
                 "peak_rss_gb": median([r["peak_rss"] / 1e9 for r in ok]),
                 "polled_peak_rss_gb": median([r["polled_peak_rss"] / 1e9 for r in ok]),
+                "rss_by_phase_gb": {
+                    name: median([r["rss_by_phase"][name] / 1e9 for r in ok])
+                    for name in ok[0].get("rss_by_phase", {})
+                },
                 "final_train_loss": median(finals),
                 "epoch_mean_loss": median([epoch_mean_loss(r["steps"]) for r in ok]),
                 "heldout_loss": median([r["heldout_loss"] for r in ok]),
@@ -300,6 +304,20 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 
 def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def _phase_table(rows: dict[str, Any]) -> list[str]:
+    """Peak resident memory by phase: setup (imports, load, data), the first step, the rest."""
+    measured = {tool: r["rss_by_phase_gb"] for tool, r in rows.items() if r.get("rss_by_phase_gb")}
+    if not measured:
+        return []
+    lines = ["", "| peak RSS by phase (GB) | setup: load and data | first step | later steps |"]
+    lines.append("|---|---:|---:|---:|")
+    for tool, phases in measured.items():
+        lines.append(
+            f"| {LABELS[tool]} | {phases['setup']:.2f} | {phases['first_step']:.2f} | {phases['steady']:.2f} |"
+        )
+    return lines
 
 
 def markdown_tables(results: dict[str, Any]) -> str:
@@ -354,6 +372,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
             )
             lines.append("|---|---:|---:|---:|---:|---:|")
             lines.extend(ratio_lines)
+        lines.extend(_phase_table(rows))
         lines.append("")
     if base_loss is not None:
         lines.append(f"Held-out loss of the untrained model: {base_loss:.4f}.\n")

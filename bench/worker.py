@@ -37,6 +37,8 @@ class CpuClock:
         import threading
 
         self.samples: list[tuple[float, float]] = []
+        self.rss: list[int] = []  # resident bytes at each sample, for the peak of any interval
+        self._page = os.sysconf("SC_PAGE_SIZE")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -44,7 +46,12 @@ class CpuClock:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.samples.append((time.perf_counter(), time.process_time()))
+            self.rss.append(self._resident_bytes())
             self._stop.wait(0.02)
+
+    def _resident_bytes(self) -> int:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * self._page
 
     def stop(self) -> None:
         self._stop.set()
@@ -63,6 +70,20 @@ class CpuClock:
 
     def cpu_between(self, start: float, end: float) -> float:
         return self.cpu_at(end) - self.cpu_at(start)
+
+    def peak_rss_between(self, start: float, end: float) -> int:
+        """Highest sampled resident memory in [start, end] (20 ms sampling: a shorter spike may be missed)."""
+        inside = [r for (w, _), r in zip(self.samples, self.rss, strict=False) if start <= w <= end]
+        return max(inside, default=0)
+
+    def rss_by_phase(self, loop_start: float, first_step_end: float, end: float) -> dict[str, int]:
+        """Peak resident memory before the training loop (imports, model load, data), during its
+        first step, and over the remaining steps, so that a regression points at its phase."""
+        return {
+            "setup": self.peak_rss_between(0.0, loop_start),
+            "first_step": self.peak_rss_between(loop_start, first_step_end),
+            "steady": self.peak_rss_between(first_step_end, end),
+        }
 
 
 CLOCK: CpuClock | None = None
@@ -207,6 +228,9 @@ def run_tunesmith(spec: dict[str, Any], packing: bool = True) -> dict[str, Any]:
     ]
     assert CLOCK is not None
     cpu_s = CLOCK.cpu_between(loop_start[0], loop_start[0] + steps[-1]["elapsed_s"])
+    phases = CLOCK.rss_by_phase(
+        loop_start[0], loop_start[0] + steps[0]["elapsed_s"], loop_start[0] + steps[-1]["elapsed_s"]
+    )
 
     # Held-out loss from the files the run left behind (what a user would load).
     model = load_hf_model(spec)
@@ -226,6 +250,7 @@ def run_tunesmith(spec: dict[str, Any], packing: bool = True) -> dict[str, Any]:
         "train_s": steps[-1]["elapsed_s"],
         "cpu_s": cpu_s,
         "peak_rss": rss,
+        "rss_by_phase": phases,
         "model": model,
         "resolved_train_config": resolved.get("train"),
     }
@@ -316,11 +341,13 @@ def hf_result(rec: dict[str, Any], recorder: StepRecorder, model: Any) -> dict[s
     """What a Trainer-based run reports, read right after `trainer.train()` (peak RSS included)."""
     rss = peak_rss_bytes()
     steps = steps_from_record(rec, recorder)
+    assert CLOCK is not None
     return {
         "steps": steps,
         "train_s": steps[-1]["elapsed_s"],
         "cpu_s": train_cpu_s(rec),
         "peak_rss": rss,
+        "rss_by_phase": CLOCK.rss_by_phase(rec["t0"], rec["ends"][0], rec["ends"][-1]),
         "model": model,
     }
 
