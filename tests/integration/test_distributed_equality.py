@@ -29,6 +29,20 @@ EVAL_ROWS = [(f"Held-out {i}?", " ".join(["other"] * (2 + i * 5))) for i in rang
 TOLERANCE = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def rank_threads_here():
+    """The one-process reference runs with the thread count each rank of two gets. Another count
+    changes the order of float sums in the matmuls, and Adam turns those last-bit differences of
+    near-zero gradients into weight differences above the tolerance: the comparison is of the
+    distributed arithmetic, not of two thread counts."""
+    from tunesmith.training.launch import threads_per_rank
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads_per_rank(2))
+    yield
+    torch.set_num_threads(before)
+
+
 def _config(tmp_path: Path, model_dir: Path, name: str, adapter: str = "lora", **train: Any) -> Any:
     data = write_chat_jsonl(tmp_path / "train.jsonl", ROWS)
     held_out = write_chat_jsonl(tmp_path / "eval.jsonl", EVAL_ROWS)

@@ -12,6 +12,16 @@ from tunesmith.training.loop import train
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def one_thread_like_each_worker():
+    """The reference runs with the one thread each worker gets (cpus_per_worker=1); see
+    test_distributed_equality.rank_threads_here for why the counts must match."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_two_ray_workers_equal_one_process_accumulating(tiny_model_dirs, tmp_path):
     pytest.importorskip("ray.train.torch")
     from tunesmith.training.ray_train import ray_train
