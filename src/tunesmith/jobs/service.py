@@ -7,6 +7,7 @@ later problem ends the job `failed` with a reason instead of failing the request
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,9 +107,12 @@ class JobService:
             )
         return row
 
-    def create_job(self, body: Any) -> dict[str, Any]:
+    def create_job(self, body: Any, settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """Check the request (400s), persist the job, then validate its data: from here on, every
-        problem is the job's (`failed` with a reason), never the request's."""
+        problem is the job's (`failed` with a reason), never the request's.
+
+        `settings`: a partial run config for this job alone, over the service's defaults and under
+        the request's own fields (the web UI's edited YAML)."""
         try:
             request = parse_request(body)
         except RequestError as exc:
@@ -137,7 +141,7 @@ class JobService:
                 validation["path"] if validation else None,
                 str(run_dir),
                 training["examples"],
-                self.defaults,
+                merge_settings(self.defaults, settings or {}),
             )
         except ConfigError as exc:
             raise ServiceError(400, f"this job cannot run: {exc}", None, "invalid_job") from None
@@ -277,3 +281,14 @@ class JobService:
 
 
 __all__ = ["ACTIVE", "FINAL", "Base", "JobService", "ServiceError"]
+
+
+def merge_settings(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `under`, section by section (neither is changed)."""
+    out = copy.deepcopy(under)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

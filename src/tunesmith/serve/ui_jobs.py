@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 from tunesmith.config.schema import DataConfig, LoraAdapter, RunConfig, TrainConfig
-from tunesmith.jobs.service import JobService, ServiceError
+from tunesmith.jobs.service import JobService, ServiceError, merge_settings
 
 METHODS = ("sft", "dpo")  # what the job service trains (results are served as adapters)
 REQUEST_METHOD = {"sft": "supervised", "dpo": "dpo"}
@@ -115,31 +115,16 @@ def _file_id(sources: Any, key: str, required: bool) -> str | None:
     return path
 
 
-def merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` on top of `under`, section by section."""
-    out = copy.deepcopy(under)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def create_ui_job(service: JobService, text: str, suffix: str | None = None) -> dict[str, Any]:
-    """Create the job the YAML describes through the service's own `create_job`.
-
-    The job's extra settings are passed as that one job's defaults: a shallow copy of the service
-    shares its store and queue, so the job is queued, run and served exactly like an API job.
-    """
+    """Create the job the YAML describes through the service's own `create_job`: the keys the
+    OpenAI request has no field for go in as that job's settings, so it is queued, run and served
+    exactly like an API job."""
     config = parse_yaml(text)
     names = {service.base.name, service.base.path, *service.base.aliases}
     body, extra = split_config(config, names)
     if suffix:
         body["suffix"] = suffix
-    view = copy.copy(service)
-    view.defaults = merge(service.defaults, extra)
-    return view.create_job(body)
+    return service.create_job(body, settings=extra)
 
 
 def starting_yaml(service: JobService) -> str:
@@ -151,7 +136,7 @@ def starting_yaml(service: JobService) -> str:
         "adapter": {"type": "lora", "r": 8, "alpha": 16},
         "train": {"epochs": 1, "batch_size": 2, "lr": 2e-4},
     }
-    return yaml.safe_dump(merge(config, _without_output(service.defaults)), sort_keys=False)
+    return yaml.safe_dump(merge_settings(config, _without_output(service.defaults)), sort_keys=False)
 
 
 def _without_output(defaults: dict[str, Any]) -> dict[str, Any]:
