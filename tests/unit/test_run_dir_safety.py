@@ -68,6 +68,17 @@ def test_stop_on_a_save_step_writes_that_checkpoint_once(tiny_model_dirs, data, 
     assert [p.name for p in committed_checkpoints(out / "checkpoints")] == ["step-00000004"]
 
 
+def test_the_checkpoint_history_keeps_pruned_checkpoints(tiny_model_dirs, data, tmp_path):
+    from tunesmith.training.checkpoint import checkpoint_history
+
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_model_dirs["llama"], data, out, save_every=2, save_total_limit=1)
+    train(cfg, show_progress=False, stop_after_step=6)
+    folder = out / "checkpoints"
+    assert [p.name for p in committed_checkpoints(folder)] == ["step-00000006"]
+    assert [p.name for p in checkpoint_history(folder)] == ["step-00000002", "step-00000004", "step-00000006"]
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(tiny_model_dirs, data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     original = checkpoint_module.save_file

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.jobs.store import Store, new_id, now
-from tunesmith.training.checkpoint import committed_checkpoints
+from tunesmith.training.checkpoint import checkpoint_history, committed_checkpoints
 
 METRICS_FILE = "metrics.jsonl"
 RENAMED = {"loss": "train_loss", "eval_loss": "valid_loss"}
@@ -90,7 +90,9 @@ def metrics_message(data: dict[str, Any]) -> str:
 def sync_checkpoints(store: Store, job: dict[str, Any], model_name: str) -> list[int]:
     """Record committed checkpoints not seen before; their step numbers."""
     run_dir = Path(job["run_dir"])
-    found = committed_checkpoints(run_dir / "checkpoints")
+    folder = run_dir / "checkpoints"
+    # The history has the checkpoints pruned since the last look; the listing, runs written before it.
+    found = sorted({*checkpoint_history(folder), *committed_checkpoints(folder)}, key=lambda p: p.name)
     if not found:
         return []
     steps = _metrics_by_step(run_dir / METRICS_FILE)

@@ -27,6 +27,8 @@ from tunesmith.training.errors import RunDirError
 
 STATE_FILE = "state.json"
 FINGERPRINT_FILE = "fingerprint.json"
+HISTORY_FILE = "history.jsonl"
+"""One line per committed checkpoint, appended at its commit and kept when the checkpoint is pruned."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -133,6 +135,8 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         needed = sum(t.numel() * t.element_size() for t in weights.values()) + _optimizer_bytes(optimizer)
         raise CheckpointWriteError(_write_failure(final, exc, needed, free_bytes(folder))) from exc
+    with open(folder / HISTORY_FILE, "a", encoding="utf-8") as history:
+        history.write(json.dumps({"step": state.step, "dir": final.name}) + "\n")
     if keep:
         for old in committed_checkpoints(folder)[:-keep]:
             if old != final:
@@ -150,6 +154,23 @@ def _write_failure(final: Path, exc: BaseException, needed: int, free: int | Non
             "train.save_total_limit) and resume with --resume"
         )
     return f"could not write checkpoint {final}: {exc}. The partial checkpoint was removed"
+
+
+def checkpoint_history(folder: Path) -> list[Path]:
+    """Every checkpoint ever committed in `folder`, oldest first, pruned ones included (their
+    directories may be gone): a watcher that lists the folder now and then would miss a checkpoint
+    pruned between two looks."""
+    path = folder / HISTORY_FILE
+    if not path.is_file():
+        return []
+    steps: dict[int, Path] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            steps[int(record["step"])] = folder / str(record["dir"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash mid-append
+    return [steps[step] for step in sorted(steps)]
 
 
 def committed_checkpoints(folder: Path) -> list[Path]:
